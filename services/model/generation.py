@@ -1,0 +1,170 @@
+"""Incremental batched generation over the KV cache.
+
+:class:`BatchGenerator` keeps one running batch. ``add`` queues a request; each
+``step`` first prefills the newcomers (batched, one forward, sampling their first
+token), then runs ONE decode step for every sequence that was already running.
+Finished (stop id or max tokens) and cancelled sequences leave the batch and free
+their cache slot at once, so others join at the next step. The Triton ``llm`` model's
+scheduler (next issue) drives exactly this object from its thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from stepaudio2.model.sampling import Sampler, SamplingParams
+from stepaudio2.runtime.errors import InvalidArgument, ResourceExhausted
+
+
+@dataclass
+class SequenceState:
+    request_id: str
+    slot: int
+    sampler: Sampler
+    params: SamplingParams
+    prompt_len: int
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled"
+    next_input: int | None = None      # the last sampled id, fed at the next decode step
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int | None               # None when the step only reports the finish
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    input_ids: list[int]
+    audio_embeds: list
+    params: SamplingParams
+
+
+class BatchGenerator:
+    def __init__(self, model, max_batch: int, capacity: int = 256, max_len: int | None = None,
+                 keep_finished: bool = True):
+        self.model = model
+        self.keep_finished = keep_finished  # an engine reads StepOutputs and keeps nothing
+        self.cache = model.new_cache(max_batch, capacity=capacity, max_len=max_len)
+        self.running: dict[str, SequenceState] = {}
+        self.pending: list[_Pending] = []
+        self.finished: dict[str, SequenceState] = {}
+
+    # -- requests ------------------------------------------------------------------
+    def add(self, request_id: str, input_ids, audio_embeds: Sequence = (), params: SamplingParams | None = None):
+        params = (params or SamplingParams()).validate(self.model.config.text.vocab_size)
+        ids = [int(i) for i in (input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)]
+        if request_id in self.running or any(p.request_id == request_id for p in self.pending):
+            raise InvalidArgument(f"request id {request_id!r} is already active", field="request_id")
+        if len(ids) + params.max_new_tokens > self.cache.max_len:
+            raise InvalidArgument(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                                  f"the context limit of {self.cache.max_len}", field="max_new_tokens")
+        self.pending.append(_Pending(request_id, ids, list(audio_embeds), params))
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now and free its slot. True when it was active."""
+        for i, p in enumerate(self.pending):
+            if p.request_id == request_id:
+                del self.pending[i]
+                return True
+        seq = self.running.pop(request_id, None)
+        if seq is None:
+            return False
+        self._finish(seq, "cancelled")
+        return True
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + len(self.pending)
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.free_slots
+
+    # -- the loop ------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        decoding = [s for s in self.running.values() if s.next_input is not None]
+        if self.pending:
+            outputs += self._prefill()
+        if decoding:
+            logits = self.model.decode(self.cache, [s.slot for s in decoding], [s.next_input for s in decoding])
+            outputs += self._sample(decoding, logits)
+        return outputs
+
+    def run_to_completion(self) -> dict[str, SequenceState]:
+        while self.running or self.pending:
+            self.step()
+        return self.finished
+
+    # -- internals -----------------------------------------------------------------
+    def _prefill(self) -> list[StepOutput]:
+        n = min(len(self.pending), self.cache.free_slots)
+        if n == 0:
+            if not self.running:
+                raise ResourceExhausted("no free KV-cache slot and nothing running")
+            return []
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        stop_default = [self.model.tokenizer.special.eot]
+        seqs = []
+        try:
+            embeds = [self.model.embed(p.input_ids, p.audio_embeds) for p in batch]
+        except Exception:
+            self.pending = batch + self.pending
+            raise
+        for p in batch:
+            slot = self.cache.allocate()
+            stops = p.params.stop_ids if p.params.stop_ids is not None else stop_default
+            seq = SequenceState(p.request_id, slot, Sampler(p.params, p.input_ids, stops, self.model.device),
+                                p.params, len(p.input_ids))
+            self.running[p.request_id] = seq
+            seqs.append(seq)
+        logits = self.model.forward_embeds(self.cache, [s.slot for s in seqs], embeds)
+        return self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
+        out = []
+        for seq, row in zip(seqs, logits):
+            tok = seq.sampler(row)
+            if seq.sampler.is_stop(tok):
+                self._finish(seq, "stop")
+                out.append(StepOutput(seq.request_id, None, True, "stop"))
+                continue
+            seq.output_ids.append(tok)
+            seq.next_input = tok
+            done = len(seq.output_ids) >= seq.params.max_new_tokens
+            if done:
+                self._finish(seq, "length")
+            out.append(StepOutput(seq.request_id, tok, done, "length" if done else None))
+        return out
+
+    def _finish(self, seq: SequenceState, reason: str) -> None:
+        seq.finished = True
+        seq.finish_reason = reason
+        self.running.pop(seq.request_id, None)
+        self.cache.free(seq.slot)
+        if self.keep_finished:
+            self.finished[seq.request_id] = seq
+
+
+@torch.inference_mode()
+def generate_full_recompute(model, input_ids, audio_embeds: Sequence = (), max_new_tokens: int = 32,
+                            stop_ids: Sequence[int] | None = None) -> list[int]:
+    """Greedy generation that re-runs the whole sequence for every token, as the
+    official HF script does (spec §6.1). Kept as the baseline for tests and bench."""
+    ids = [int(i) for i in (input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)]
+    stops = set(stop_ids if stop_ids is not None else [model.tokenizer.special.eot])
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(torch.argmax(model.logits(ids + out, audio_embeds)[-1]))
+        if tok in stops:
+            break
+        out.append(tok)
+    return out
