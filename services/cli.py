@@ -61,7 +61,8 @@ def _run_task(model, messages, max_new_tokens: int, **sampling) -> dict:
     t1 = time.perf_counter()
     ids = model.generate(prompt.input_ids, audio, max_new_tokens=max_new_tokens, **sampling)
     t2 = time.perf_counter()
-    parser = OutputParser(model.tokenizer)
+    # A spoken prompt ends with <tts_start>: the reply starts inside the spoken section.
+    parser = OutputParser(model.tokenizer, in_tts=prompt.input_ids[-1] == model.tokenizer.special.tts_start)
     events = [e for i in ids for e in parser.feed(i)] + parser.finish()
     return {
         "text": "".join(e.text for e in events if isinstance(e, TextDelta)),
