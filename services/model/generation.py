@@ -43,7 +43,7 @@ class StepOutput:
 class _Pending:
     request_id: str
     input_ids: list[int]
-    audio_embeds: list
+    embeds: torch.Tensor               # prompt embeddings, audio spliced in (checked at add)
     params: SamplingParams
 
 
@@ -66,7 +66,10 @@ class BatchGenerator:
         if len(ids) + params.max_new_tokens > self.cache.max_len:
             raise InvalidArgument(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                   f"the context limit of {self.cache.max_len}", field="max_new_tokens")
-        self.pending.append(_Pending(request_id, ids, list(audio_embeds), params))
+        # Embedding (and the audio-splice checks) happens here, so a bad request fails
+        # for its caller alone and never inside a batched step.
+        embeds = self.model.embed(ids, audio_embeds)
+        self.pending.append(_Pending(request_id, ids, embeds, params))
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request now and free its slot. True when it was active."""
@@ -114,11 +117,6 @@ class BatchGenerator:
         batch, self.pending = self.pending[:n], self.pending[n:]
         stop_default = [self.model.tokenizer.special.eot]
         seqs = []
-        try:
-            embeds = [self.model.embed(p.input_ids, p.audio_embeds) for p in batch]
-        except Exception:
-            self.pending = batch + self.pending
-            raise
         for p in batch:
             slot = self.cache.allocate()
             stops = p.params.stop_ids if p.params.stop_ids is not None else stop_default
@@ -126,7 +124,7 @@ class BatchGenerator:
                                 p.params, len(p.input_ids))
             self.running[p.request_id] = seq
             seqs.append(seq)
-        logits = self.model.forward_embeds(self.cache, [s.slot for s in seqs], embeds)
+        logits = self.model.forward_embeds(self.cache, [s.slot for s in seqs], [p.embeds for p in batch])
         return self._sample(seqs, logits)
 
     def _sample(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:

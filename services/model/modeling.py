@@ -111,6 +111,10 @@ class StepAudio2:
         if mels.dim() != 3 or mels.shape[1] != self.config.audio.n_mels or mels.shape[0] != lens.shape[0]:
             raise InvalidArgument(f"mels must be [B, {self.config.audio.n_mels}, T] with B == len(mel_lens), got "
                                   f"{list(mels.shape)} and {list(lens.shape)}", field="mels")
+        max_frames = 2 * self.config.audio.n_audio_ctx  # 1500 positions at 50 fps = 3000 mel frames (spec §1.3)
+        if mels.shape[-1] > max_frames:
+            raise InvalidArgument(f"mels have {mels.shape[-1]} frames; the encoder takes at most {max_frames} "
+                                  f"(30 s): cut long audio into 25 s chunks first", field="mels")
         if int(lens.min()) < 3 or int(lens.max()) > mels.shape[-1]:
             raise InvalidArgument(f"mel_lens must be in [3, T={mels.shape[-1]}], got {lens.tolist()}",
                                   field="mel_lens")

@@ -257,3 +257,25 @@ def test_bf16_checkpoint_loads_in_bf16_and_fp32(tmp_path):
     ids = m.tokenizer.encode("<|BOT|>human\nhi<|EOT|><|BOT|>assistant\n")
     assert m.logits(ids).dtype == torch.bfloat16
     assert len(m.generate(ids, max_new_tokens=4)) == 4
+
+
+def test_bad_request_fails_alone_at_add(tiny_model):
+    m = tiny_model
+    prompts = _mixed_prompts(m)
+    gen = BatchGenerator(m, max_batch=2)
+    gen.add("good", *prompts[2], SamplingParams(max_new_tokens=3))
+    with pytest.raises(InvalidArgument, match="audio_embeds"):
+        gen.add("bad", prompts[0][0], [], SamplingParams(max_new_tokens=3))  # patch run without audio
+    with pytest.raises(InvalidArgument, match="already active"):
+        gen.add("good", *prompts[2])
+    assert gen.run_to_completion()["good"].output_ids == generate_full_recompute(m, prompts[2][0], [], 3)
+
+
+def test_encode_audio_rejects_bad_shapes_with_named_errors(tiny_model):
+    m = tiny_model
+    with pytest.raises(InvalidArgument, match="at most 3000"):
+        m.encode_audio(torch.zeros(1, 128, 3002), [3002])
+    with pytest.raises(InvalidArgument, match=r"mels must be \[B, 128, T\]"):
+        m.encode_audio(torch.zeros(1, 80, 100), [100])
+    with pytest.raises(InvalidArgument, match="mel_lens"):
+        m.encode_audio(torch.zeros(1, 128, 100), [101])
