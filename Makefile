@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@mkdir -p $(ROOT)/services/v1 && touch $(ROOT)/services/v1/__init__.py
-	$(PIP) install -q -e '$(ROOT)[test]'
+	$(PIP) install -q -e '$(ROOT)[test,local]'
 	@touch $(STAMP)
 
 # Generated code goes to services/v1 (import stepaudio2.v1); never committed or hand-edited.

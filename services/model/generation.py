@@ -1,11 +1,14 @@
 """Incremental batched generation over the KV cache.
 
 :class:`BatchGenerator` keeps one running batch. ``add`` queues a request; each
-``step`` first prefills the newcomers (batched, one forward, sampling their first
-token), then runs ONE decode step for every sequence that was already running.
-Finished (stop id or max tokens) and cancelled sequences leave the batch and free
-their cache slot at once, so others join at the next step. The Triton ``llm`` model's
-scheduler (next issue) drives exactly this object from its thread.
+``step`` (1) admits queued requests into free cache slots, (2) prefills admitted
+prompts - at most ``prefill_budget`` prompt tokens per step, so a long newcomer is
+prefilled in chunks over several steps and never stalls the running streams for more
+than one step's worth of work - sampling a sequence's first token when its prompt is
+complete, then (3) runs ONE decode step for every sequence that was already decoding.
+Finished (stop id or max tokens) and cancelled sequences leave the batch and free their
+slot at once, so others join at the next step. The Triton ``llm`` model drives this
+object from the engine's scheduler thread (``stepaudio2.model.engine``).
 """
 from __future__ import annotations
 
@@ -25,9 +28,11 @@ class SequenceState:
     sampler: Sampler
     params: SamplingParams
     prompt_len: int
+    embeds: torch.Tensor | None = None  # prompt embeddings until fully prefilled
+    prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
     next_input: int | None = None      # the last sampled id, fed at the next decode step
 
 
@@ -49,27 +54,38 @@ class _Pending:
 
 class BatchGenerator:
     def __init__(self, model, max_batch: int, capacity: int = 256, max_len: int | None = None,
-                 keep_finished: bool = True):
+                 keep_finished: bool = True, prefill_budget: int | None = None):
         self.model = model
         self.keep_finished = keep_finished  # an engine reads StepOutputs and keeps nothing
+        self.prefill_budget = prefill_budget
         self.cache = model.new_cache(max_batch, capacity=capacity, max_len=max_len)
         self.running: dict[str, SequenceState] = {}
         self.pending: list[_Pending] = []
         self.finished: dict[str, SequenceState] = {}
 
     # -- requests ------------------------------------------------------------------
-    def add(self, request_id: str, input_ids, audio_embeds: Sequence = (), params: SamplingParams | None = None):
-        params = (params or SamplingParams()).validate(self.model.config.text.vocab_size)
-        ids = [int(i) for i in (input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)]
+    def add(self, request_id: str, input_ids, audio_embeds: Sequence = (), params: SamplingParams | None = None,
+            embeds: torch.Tensor | None = None):
+        """Queue a request. ``embeds`` may carry the prompt's embeddings already made by
+        :meth:`prepare` (e.g. in another thread); else they are made here."""
+        if embeds is None:
+            ids, embeds, params = self.prepare(input_ids, audio_embeds, params)
+        else:
+            ids = [int(i) for i in input_ids]
         if request_id in self.running or any(p.request_id == request_id for p in self.pending):
             raise InvalidArgument(f"request id {request_id!r} is already active", field="request_id")
+        self.pending.append(_Pending(request_id, ids, embeds, params))
+
+    def prepare(self, input_ids, audio_embeds: Sequence = (), params: SamplingParams | None = None
+                ) -> tuple[list[int], torch.Tensor, SamplingParams]:
+        """Validate a request and embed its prompt (audio spliced in). Thread-safe; a
+        bad request fails here, for its caller alone, never inside a batched step."""
+        params = (params or SamplingParams()).validate(self.model.config.text.vocab_size)
+        ids = [int(i) for i in (input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)]
         if len(ids) + params.max_new_tokens > self.cache.max_len:
             raise InvalidArgument(f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                   f"the context limit of {self.cache.max_len}", field="max_new_tokens")
-        # Embedding (and the audio-splice checks) happens here, so a bad request fails
-        # for its caller alone and never inside a batched step.
-        embeds = self.model.embed(ids, audio_embeds)
-        self.pending.append(_Pending(request_id, ids, embeds, params))
+        return ids, self.model.embed(ids, audio_embeds), params
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request now and free its slot. True when it was active."""
@@ -77,11 +93,19 @@ class BatchGenerator:
             if p.request_id == request_id:
                 del self.pending[i]
                 return True
-        seq = self.running.pop(request_id, None)
+        seq = self.running.get(request_id)
         if seq is None:
             return False
         self._finish(seq, "cancelled")
         return True
+
+    def abort_all(self, reason: str = "error") -> list[str]:
+        """Finish every running and queued request (e.g. after a failed forward)."""
+        ids = [p.request_id for p in self.pending] + list(self.running)
+        self.pending.clear()
+        for seq in list(self.running.values()):
+            self._finish(seq, reason)
+        return ids
 
     @property
     def active(self) -> int:
@@ -91,12 +115,15 @@ class BatchGenerator:
     def free_slots(self) -> int:
         return self.cache.free_slots
 
+    @property
+    def decoding(self) -> int:
+        return sum(1 for s in self.running.values() if s.next_input is not None)
+
     # -- the loop ------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        outputs: list[StepOutput] = []
         decoding = [s for s in self.running.values() if s.next_input is not None]
-        if self.pending:
-            outputs += self._prefill()
+        self._admit()
+        outputs = self._prefill()
         if decoding:
             logits = self.model.decode(self.cache, [s.slot for s in decoding], [s.next_input for s in decoding])
             outputs += self._sample(decoding, logits)
@@ -104,30 +131,44 @@ class BatchGenerator:
 
     def run_to_completion(self) -> dict[str, SequenceState]:
         while self.running or self.pending:
+            if not self.running and not self.cache.free_slots:
+                raise ResourceExhausted("no free KV-cache slot and nothing running")
             self.step()
         return self.finished
 
     # -- internals -----------------------------------------------------------------
-    def _prefill(self) -> list[StepOutput]:
-        n = min(len(self.pending), self.cache.free_slots)
-        if n == 0:
-            if not self.running:
-                raise ResourceExhausted("no free KV-cache slot and nothing running")
-            return []
-        batch, self.pending = self.pending[:n], self.pending[n:]
+    def _admit(self) -> None:
         stop_default = [self.model.tokenizer.special.eot]
-        seqs = []
-        for p in batch:
-            slot = self.cache.allocate()
+        while self.pending and self.cache.free_slots:
+            p = self.pending.pop(0)
             stops = p.params.stop_ids if p.params.stop_ids is not None else stop_default
-            seq = SequenceState(p.request_id, slot, Sampler(p.params, p.input_ids, stops, self.model.device),
-                                p.params, len(p.input_ids))
-            self.running[p.request_id] = seq
-            seqs.append(seq)
-        logits = self.model.forward_embeds(self.cache, [s.slot for s in seqs], [p.embeds for p in batch])
-        return self._sample(seqs, logits)
+            self.running[p.request_id] = SequenceState(
+                p.request_id, self.cache.allocate(), Sampler(p.params, p.input_ids, stops, self.model.device),
+                p.params, len(p.input_ids), embeds=p.embeds)
 
-    def _sample(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
+    def _prefill(self) -> list[StepOutput]:
+        budget = self.prefill_budget if self.prefill_budget is not None else float("inf")
+        seqs, chunks = [], []
+        for seq in self.running.values():
+            if seq.embeds is None or budget <= 0:
+                continue
+            n = int(min(seq.prompt_len - seq.prefilled, budget))
+            seqs.append(seq)
+            chunks.append(seq.embeds[seq.prefilled: seq.prefilled + n])
+            budget -= n
+        if not seqs:
+            return []
+        logits = self.model.forward_embeds(self.cache, [s.slot for s in seqs], chunks)
+        done, done_logits = [], []
+        for seq, chunk, row in zip(seqs, chunks, logits):
+            seq.prefilled += chunk.shape[0]
+            if seq.prefilled == seq.prompt_len:
+                seq.embeds = None
+                done.append(seq)
+                done_logits.append(row)
+        return self._sample(done, done_logits) if done else []
+
+    def _sample(self, seqs: list[SequenceState], logits) -> list[StepOutput]:
         out = []
         for seq, row in zip(seqs, logits):
             tok = seq.sampler(row)
@@ -146,6 +187,7 @@ class BatchGenerator:
     def _finish(self, seq: SequenceState, reason: str) -> None:
         seq.finished = True
         seq.finish_reason = reason
+        seq.embeds = None
         self.running.pop(seq.request_id, None)
         self.cache.free(seq.slot)
         if self.keep_finished:

@@ -279,3 +279,27 @@ def test_encode_audio_rejects_bad_shapes_with_named_errors(tiny_model):
         m.encode_audio(torch.zeros(1, 80, 100), [100])
     with pytest.raises(InvalidArgument, match="mel_lens"):
         m.encode_audio(torch.zeros(1, 128, 100), [101])
+
+
+def test_chunked_prefill_bounds_work_per_step_and_keeps_results(tiny_model):
+    """A long newcomer is prefilled in budget-sized chunks while the running stream
+    keeps decoding one token per step; every result equals full recompute."""
+    m = tiny_model
+    prompts = _mixed_prompts(m)
+    long_ids, long_audio = prompts[1]  # the 2.3 s ASR prompt, ~50 tokens
+    gen = BatchGenerator(m, max_batch=2, prefill_budget=8)
+    gen.add("run", *prompts[3], SamplingParams(max_new_tokens=12))
+    while "run" not in gen.running or gen.running["run"].next_input is None:
+        gen.step()
+    gen.add("new", long_ids, long_audio, SamplingParams(max_new_tokens=4))
+    steps_to_first = 0
+    while "new" not in gen.finished and not ("new" in gen.running and gen.running["new"].output_ids):
+        before = len(gen.running["run"].output_ids) if "run" in gen.running else None
+        gen.step()
+        steps_to_first += 1
+        if before is not None and "run" in gen.running:
+            assert len(gen.running["run"].output_ids) == before + 1  # the running stream never stalls
+    assert steps_to_first == -(-len(long_ids) // 8)
+    done = gen.run_to_completion()
+    assert done["run"].output_ids == generate_full_recompute(m, *prompts[3], max_new_tokens=12)
+    assert done["new"].output_ids == generate_full_recompute(m, long_ids, long_audio, max_new_tokens=4)
