@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a checkpoint folder")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_info)
+
+    # Serving commands live beside the code they start.
+    from stepaudio2 import stack
+    from stepaudio2.runtime import triton_cli
+
+    triton_cli.register(sub)
+    stack.register(sub)
     return p
 
 
