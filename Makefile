@@ -56,3 +56,8 @@ tiny-checkpoint: install
 
 clean:
 	rm -rf $(ROOT)/services/v1 $(ROOT)/.cache
+
+# Train the digit-ASR demo checkpoint (issue 5): espeak-ng speech, 15 minutes on CPU.
+train-demo: install
+	$(VENV)/bin/stepaudio2 train-demo $(ROOT)/assets/demo-checkpoint --minutes 15 --seed 0
+	$(VENV)/bin/stepaudio2 eval-asr $(ROOT)/assets/eval-digits --model-dir $(ROOT)/assets/demo-checkpoint

@@ -85,28 +85,76 @@ def cmd_transcribe(args) -> int:
     return 0
 
 
+def _demo_http(stack, wav: Path) -> dict:
+    """Transcribe ``wav`` through the gateway: the OpenAI SDK when installed, else httpx."""
+    t0 = time.perf_counter()
+    try:
+        import openai
+    except ImportError:
+        import httpx
+
+        with wav.open("rb") as f:
+            r = httpx.post(f"{stack.http_url}/v1/audio/transcriptions", timeout=600,
+                           headers={"Authorization": f"Bearer {stack.api_key}"},
+                           files={"file": (wav.name, f, "audio/wav")},
+                           data={"model": stack.model_id, "response_format": "verbose_json"})
+        r.raise_for_status()
+        out, client = r.json(), "httpx"
+    else:
+        api = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key=stack.api_key, max_retries=0, timeout=600)
+        with wav.open("rb") as f:
+            out = api.audio.transcriptions.create(model=stack.model_id, file=f,
+                                                  response_format="verbose_json").model_dump()
+        client = "openai SDK"
+    return {"client": client, "url": f"{stack.http_url}/v1/audio/transcriptions", "text": out["text"],
+            "duration_s": out["duration"], "segments": len(out.get("segments") or []),
+            "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+
+def _demo_grpc(stack, wav: Path) -> dict:
+    """Transcribe ``wav`` through the orchestrator's public gRPC API (stepaudio2.v1.Assistant)."""
+    import grpc
+
+    from stepaudio2.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(stack.grpc_address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        resp = assistant_pb2_grpc.AssistantStub(channel).Transcribe(
+            assistant_pb2.TranscribeRequest(audio=common_pb2.AudioChunk(data=wav.read_bytes()), model=stack.model_id),
+            metadata=[("authorization", f"Bearer {stack.api_key}")], timeout=600)
+    return {"client": "grpc", "address": stack.grpc_address, "text": resp.text, "duration_s": round(resp.duration_s, 3),
+            "segments": len(resp.segments), "prompt_tokens": resp.usage.prompt_tokens,
+            "completion_tokens": resp.usage.completion_tokens, "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+
 def cmd_demo(args) -> int:
-    """In-process demo (this issue); later issues route it through the served stack."""
-    from stepaudio2.model.prompt import asr_messages, chat_messages
+    """The served stack on loopback (Triton + orchestrator + gateway, ``LocalStack``):
+    the bundled WAV transcribed over HTTP (OpenAI-compatible) and over gRPC, then
+    everything that was started is stopped."""
+    from stepaudio2.stack import LocalStack
 
     con = _console()
+    t0 = time.perf_counter()
     model_dir = _resolve_model_dir(args.model_dir)
-    model = _load(model_dir, args.dtype, args.device)
-    n_params = sum(p.numel() for p in model.net.parameters())
-    con.print(f"[bold]Step-Audio 2[/bold] from {model_dir} ({n_params / 1e6:.2f} M parameters, {model.dtype}, "
-              f"loaded in {model.load_seconds:.2f} s)")
-    if "tiny-checkpoint" in str(model_dir):
-        con.print("[yellow]random tiny weights: the output below is noise; set STEPAUDIO2_MODEL_DIR to a real "
-                  "checkpoint for real transcripts[/yellow]")
     wav = Path(args.audio) if args.audio else DEMO_WAV
-    con.print(f"\n[bold]ASR[/bold] of {wav.name} (reference: {wav.with_suffix('.txt').read_text().strip()!r})"
-              if wav.with_suffix(".txt").exists() else f"\n[bold]ASR[/bold] of {wav.name}")
-    res = _run_task(model, asr_messages(str(wav)), args.max_new_tokens)
-    con.print(res)
-    con.print("\n[bold]Spoken chat[/bold] (speech out, <tts_start> prefill)")
-    res = _run_task(model, chat_messages([{"type": "audio", "audio": str(wav)}], speech_out=True),
-                    args.max_new_tokens, temperature=0.7, top_p=0.9, repetition_penalty=1.05, seed=0)
-    con.print(res)
+    repo_options = {} if args.dtype in (None, "auto") else {"dtype": args.dtype}
+    con.print(f"[bold]Step-Audio 2[/bold] demo: starting Triton, orchestrator and gateway on loopback for {model_dir}")
+    with LocalStack(model_dir, device="gpu" if args.device.startswith("cuda") else "cpu", repo_options=repo_options,
+                    orchestrator_options={"max_tokens_per_segment": args.max_new_tokens}) as stack:
+        t_up = time.perf_counter() - t0
+        con.print(f"stack ready in {t_up:.1f} s: HTTP {stack.http_url}/v1  gRPC {stack.grpc_address}  "
+                  f"Triton {stack.triton.urls.grpc} (pid {stack.triton.pid})  model {stack.model_id!r}")
+        if "tiny-checkpoint" in str(model_dir):
+            con.print("[yellow]random tiny weights: the transcripts below are noise; set STEPAUDIO2_MODEL_DIR to a "
+                      "real checkpoint for real ones[/yellow]")
+        ref = wav.with_suffix(".txt")
+        con.print(f"\n[bold]ASR[/bold] of {wav.name}" + (f" (reference: {ref.read_text().strip()!r})"
+                                                          if ref.exists() else ""))
+        con.print("[bold]HTTP[/bold]", _demo_http(stack, wav))
+        con.print("[bold]gRPC[/bold]", _demo_grpc(stack, wav))
+        t_stop = time.perf_counter()
+    con.print(f"\nstopped gateway, orchestrator and Triton in {time.perf_counter() - t_stop:.1f} s "
+              f"(demo total {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -149,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.set_defaults(fn=cmd_transcribe)
 
-    s = sub.add_parser("demo", help="run the bundled demo in-process")
+    s = sub.add_parser("demo", help="start the served stack on loopback and transcribe the bundled WAV over HTTP "
+                                    "and gRPC")
     s.add_argument("--audio", default=None)
     model_args(s)
     s.set_defaults(fn=cmd_demo)
@@ -157,6 +206,41 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a checkpoint folder")
     s.add_argument("dir")
     s.set_defaults(fn=cmd_info)
+
+    def cmd_train_demo(a) -> int:
+        from stepaudio2.model.train_demo import train_demo
+
+        s = train_demo(a.out, minutes=a.minutes, seed=a.seed, steps=a.steps, work_dir=a.work_dir,
+                       threads=a.threads or None)
+        print(json.dumps({k: v for k, v in s.items() if k != "history"}, indent=2))
+        return 0
+
+    def cmd_eval_asr(a) -> int:
+        from stepaudio2.model.eval_asr import evaluate, render_report
+
+        model_dir = Path(a.model_dir) if a.model_dir else ROOT / "assets" / "demo-checkpoint"
+        res = evaluate(model_dir, a.dir, max_new_tokens=a.max_new_tokens)
+        if a.json:
+            print(json.dumps(res, indent=2, ensure_ascii=False))
+        else:
+            render_report(res, title=f"ASR of {a.dir} by {model_dir}", console=_console())
+        return 0
+
+    s = sub.add_parser("train-demo", help="train the small digit-ASR demo checkpoint on espeak-ng speech (CPU)")
+    s.add_argument("out", help="checkpoint folder to write")
+    s.add_argument("--minutes", type=float, default=15.0, help="training time budget (default 15)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None, help="fixed step count (step-based schedule, reproducible)")
+    s.add_argument("--work-dir", default=None, help="speech/feature cache (default .cache/train-demo)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    s.set_defaults(fn=cmd_train_demo)
+
+    s = sub.add_parser("eval-asr", help="word error rate of a checkpoint on a folder of WAVs + manifest.jsonl")
+    s.add_argument("dir", help="data folder: WAVs + manifest.jsonl")
+    s.add_argument("--model-dir", default=None, help="checkpoint folder (default: assets/demo-checkpoint)")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--json", action="store_true", help="print the full result as JSON")
+    s.set_defaults(fn=cmd_eval_asr)
 
     # Serving commands live beside the code they start.
     from stepaudio2 import stack

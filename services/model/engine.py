@@ -183,6 +183,8 @@ class LLMEngine:
                 if self.gen.cancel(rid):
                     self.stats.cancelled += 1
                     self._deliver(EngineOutput(rid, [], True, "cancelled"))
+            self.stats.running = len(self.gen.running)
+            self.stats.waiting = len(self.gen.pending)
             if not self.gen.active:
                 continue
             try:

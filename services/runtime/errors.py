@@ -84,3 +84,36 @@ class NotFound(StepAudio2Error):
 
 class ResourceExhausted(StepAudio2Error):
     code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(StepAudio2Error):
+    """No credentials, or credentials that match no configured API key."""
+
+    code = "UNAUTHENTICATED"
+
+
+class Unavailable(StepAudio2Error):
+    """A dependency (the inference server) cannot be reached or is not ready; retryable."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(StepAudio2Error):
+    """The caller's deadline passed before the work finished."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(StepAudio2Error):
+    """The work was cancelled (by the caller, or by the server shutting down)."""
+
+    code = "CANCELLED"
+
+
+class InferenceError(StepAudio2Error):
+    """The inference server failed a request for a reason that is not the caller's fault.
+
+    The reason is safe to show to callers; the server's own message is logged, not sent.
+    """
+
+    code = "INTERNAL"

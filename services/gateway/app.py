@@ -1,0 +1,171 @@
+"""The HTTP gateway: OpenAI-compatible routes over the orchestrator's gRPC API.
+
+Routes only translate HTTP (practice 10): they read the request, call ``GatewayServing``
+and turn its result or error into a response. Middleware and error handlers are in
+``server_utils.py``, shapes in ``protocol.py``, logic in ``serving.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stepaudio2 import __version__
+from stepaudio2.gateway.protocol import ErrorResponse, ModelCard, ModelList, TranscriptionRequest
+from stepaudio2.gateway.serving import CallContext, GatewayServing
+from stepaudio2.gateway.server_utils import (
+    GatewayMetrics,
+    RequestContextMiddleware,
+    api_key_guard,
+    error_response,
+    install_error_handlers,
+    read_upload,
+    run_until_disconnect,
+)
+from stepaudio2.gateway.settings import GatewaySettings
+
+_LOGGER = logging.getLogger(__name__)
+
+# Everything under /v1 needs an API key; the probes and /metrics need none (the only
+# unauthenticated routes, reliability anchors §8.1).
+api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_guard)])
+probes = APIRouter()
+
+_TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503, 504)}
+# The multipart body is read by hand (size limit while streaming), so describe it for
+# the OpenAPI document ourselves.
+_TRANSCRIPTION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "WAV, FLAC or OGG audio"},
+                "model": {"type": "string", "description": "the served model id (GET /v1/models)"},
+                "language": {"type": "string"},
+                "prompt": {"type": "string"},
+                "response_format": {"type": "string", "enum": ["json", "text", "srt", "vtt", "verbose_json"]},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+        }}},
+    }
+}
+
+
+def _serving(request: Request) -> GatewayServing:
+    return request.app.state.serving
+
+
+def _context(request: Request) -> CallContext:
+    return CallContext(request_id=request.state.request_id, api_key=getattr(request.state, "api_key", None))
+
+
+@api.post("/audio/transcriptions", responses=_ERRORS, openapi_extra=_TRANSCRIPTION_BODY)
+async def create_transcription(request: Request) -> Response:
+    state = request.app.state
+    upload = await read_upload(request, state.settings.max_upload_bytes, state.metrics)
+    req = TranscriptionRequest.from_form(upload.fields)
+    result = await run_until_disconnect(request, _serving(request).create_transcription(req, upload.file,
+                                                                                       _context(request)))
+    if isinstance(result, str):
+        return PlainTextResponse(result, media_type=_TEXT_MEDIA_TYPES[req.response_format])
+    return JSONResponse(result.model_dump())
+
+
+@api.get("/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(request: Request) -> ModelList:
+    return await _serving(request).list_models(_context(request))
+
+
+@api.get("/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return await _serving(request).retrieve_model(model_id, _context(request))
+
+
+@probes.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers. Checks no dependency (reliability anchors §6)."""
+    return {"status": "ok"}
+
+
+@probes.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> Response:
+    """Readiness: 200 only while the orchestrator reports SERVING (it does so only when
+    Triton and its models are ready)."""
+    ready, detail = await _serving(request).readiness()
+    if ready:
+        return JSONResponse({"status": "ready", "detail": detail})
+    return error_response("UNAVAILABLE", f"not ready: {detail}")
+
+
+@probes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway app. The orchestrator channel opens in the lifespan and closes with it."""
+    settings = settings or GatewaySettings()
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.serving = GatewayServing(settings)
+        try:
+            yield
+        finally:
+            await app.state.serving.close()
+
+    # No /docs, /redoc or /openapi.json: the probes and /metrics are the only routes
+    # without a key (reliability anchors §8.1). The schema is still ``app.openapi()``.
+    app = FastAPI(title="Step-Audio 2 gateway", version=__version__, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(probes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket for uvicorn; port 0 picks a free port (read it back with
+    ``getsockname()``), so callers know the address before the server starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_server(app: FastAPI, *, log_level: str = "info"):
+    """A ``uvicorn.Server`` for ``app``; run it with ``await server.serve(sockets=[sock])``."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, server_header=False, timeout_graceful_shutdown=10,
+                            lifespan="on")
+    return uvicorn.Server(config)
+
+
+def main() -> None:
+    """Run the gateway alone (a gateway pod): ``python -m stepaudio2.gateway.app``."""
+    logging.basicConfig(level=logging.INFO)
+    settings = GatewaySettings()
+    sock = bind_socket(settings.host, settings.port)
+    _LOGGER.info("gateway on http://%s:%d -> orchestrator %s", settings.host, sock.getsockname()[1],
+                 settings.orchestrator_address)
+    asyncio.run(uvicorn_server(create_app(settings)).serve(sockets=[sock]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The flow-matching estimator: a DiT over 50 Hz mel frames (the reference's ``DiT``).
+
+Input channels are ``[x, mu, speaker, cond]`` (4 x 80 = 320) -> ``in_proj`` -> ``depth``
+blocks -> final adaLN layer -> 80. The time step is embedded sinusoidally on ``t*1000``
+(256-d, cos then sin) and passed through an MLP; each block derives 9 adaLN-Zero
+vectors from it: shift/scale/gate for attention (QK-LayerNorm, SDPA), for a causal conv
+block (causal conv k=3, LayerNorm, Mish, causal conv k=3) and for a GELU-tanh MLP, applied
+in the order attention, conv, MLP. There is no positional encoding: the causal convs are
+the only source of order, so attention is permutation-invariant over its keys.
+
+Streaming (``forward_chunk``): every block keeps a K/V cache and a conv cache per
+sequence. The new chunk's keys come FIRST, then the cached ones (the reference's
+``torch.cat([k, k_cache])``); the packed cache ``[B, H, T, 2*head_dim]`` (keys, values)
+keeps that order, which matters to the reference's cache trimming (see ``flow.py``).
+For batched streams of unequal lengths the chunk may be right-padded and the caches
+padded; ``key_mask`` then marks the real keys and ``lengths`` the real chunk frames.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepaudio2.model.token2wav.config import DiTConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.dim = frequency_embedding_size
+        self.scale = 1000
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=half) / half).to(t)
+        args = (t * self.scale)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return self.mlp(emb)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.q_norm = nn.LayerNorm(head_dim)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.proj = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        return x.reshape(b, t, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def _qkv(self, x):
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(x)))
+        return q, k, self._heads(self.to_v(x))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[B, T, C]``; mask ``[B, T, T]`` or ``[B, 1, T]`` bool (True = attend)."""
+        q, k, v = self._qkv(x)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1))
+        return self._out(o)
+
+    def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None, key_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, t, C]``; cache ``[B, H, T, 2*hd]``; key_mask ``[B, t+T]`` bool or None.
+        Returns the output and the new cache ``[B, H, t+T, 2*hd]`` (new frames first)."""
+        q, k, v = self._qkv(x)
+        if cache is not None:
+            k_cache, v_cache = cache.chunk(2, dim=3)
+            k = torch.cat([k, k_cache], dim=2)
+            v = torch.cat([v, v_cache], dim=2)
+        new_cache = torch.cat([k, v], dim=3)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self._out(o), new_cache
+
+
+class CausalConvBlock(nn.Module):
+    """causal conv k -> LayerNorm -> Mish -> causal conv k, on ``[B, T, C]``.
+
+    Parameter names follow the reference's ``nn.Sequential`` (indices 1, 3 and 6)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.pad = kernel_size - 1
+        self.block = nn.ModuleDict({
+            "1": nn.Conv1d(channels, channels, kernel_size),
+            "3": nn.LayerNorm(channels),
+            "6": nn.Conv1d(channels, channels, kernel_size),
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block["1"](F.pad(x.transpose(1, 2), (self.pad, 0))).transpose(1, 2)
+        y = F.mish(self.block["3"](y))
+        return self.block["6"](F.pad(y.transpose(1, 2), (self.pad, 0))).transpose(1, 2)
+
+    def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None, lengths: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cache ``[B, 2C, k-1]`` (conv1 inputs then conv2 inputs). With ``lengths`` (real
+        frames per row of a right-padded batch) the new cache is taken before the padding."""
+        b = x.shape[0]
+        if cache is None:
+            c1 = c2 = x.new_zeros(b, self.channels, self.pad)
+        else:
+            c1, c2 = cache.split((self.channels, self.channels), dim=1)
+        h = torch.cat([c1, x.transpose(1, 2)], dim=2)
+        new1 = self._tail(h, lengths)
+        y = self.block["1"](h).transpose(1, 2)
+        y = F.mish(self.block["3"](y))
+        h = torch.cat([c2, y.transpose(1, 2)], dim=2)
+        new2 = self._tail(h, lengths)
+        y = self.block["6"](h).transpose(1, 2)
+        return y, torch.cat([new1, new2], dim=1)
+
+    def _tail(self, h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        if lengths is None:
+            return h[..., -self.pad:]
+        idx = lengths.view(-1, 1) + torch.arange(self.pad, device=h.device).view(1, -1)   # [B, pad]
+        return torch.gather(h, 2, idx[:, None, :].expand(-1, h.shape[1], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden, int(hidden * mlp_ratio))
+        self.norm3 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.conv = CausalConvBlock(hidden, 3)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 9 * hidden))
+
+    def forward(self, x, c, mask=None):
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
+        x = x + gate_conv * self.conv(modulate(self.norm3(x), shift_conv, scale_conv))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def forward_chunk(self, x, c, att_cache, cnn_cache, key_mask=None, lengths=None):
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        a, new_att = self.attn.forward_chunk(modulate(self.norm1(x), shift_msa, scale_msa), att_cache, key_mask)
+        x = x + gate_msa * a
+        cv, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), shift_conv, scale_conv), cnn_cache, lengths)
+        x = x + gate_conv * cv
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x, new_att, new_cnn
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.in_proj = nn.Linear(cfg.in_channels, cfg.hidden_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.out_channels)
+
+    @staticmethod
+    def _inputs(x, mu, spks, cond):
+        spks = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.cat([x, mu, spks, cond], dim=1).transpose(1, 2)
+
+    def forward(self, x, mu, t, spks, cond, mask=None):
+        """x, mu, cond ``[B, 80, T]``; t ``[B]``; spks ``[B, 80]``; mask ``[B, T, T]`` or
+        ``[B, 1, T]`` bool or None -> velocity ``[B, 80, T]``."""
+        c = self.t_embedder(t).unsqueeze(1)
+        h = self.in_proj(self._inputs(x, mu, spks, cond))
+        for block in self.blocks:
+            h = block(h, c, mask)
+        return self.final_layer(h, c).transpose(1, 2)
+
+    def forward_chunk(self, x, mu, t, spks, cond, att_cache=None, cnn_cache=None, key_mask=None, lengths=None):
+        """One chunk ``[B, 80, t]``; att_cache ``[depth, B, H, T, 2*hd]`` or None; cnn_cache
+        ``[depth, B, 2*hidden, 2]`` or None. Returns the velocity and the new caches
+        ``[depth, B, H, t+T, 2*hd]`` (new frames first) and ``[depth, B, 2*hidden, 2]``."""
+        c = self.t_embedder(t).unsqueeze(1)
+        h = self.in_proj(self._inputs(x, mu, spks, cond))
+        new_att, new_cnn = [], []
+        for i, block in enumerate(self.blocks):
+            h, a, cv = block.forward_chunk(h, c, None if att_cache is None else att_cache[i],
+                                           None if cnn_cache is None else cnn_cache[i], key_mask, lengths)
+            new_att.append(a)
+            new_cnn.append(cv)
+        return self.final_layer(h, c).transpose(1, 2), torch.stack(new_att), torch.stack(new_cnn)

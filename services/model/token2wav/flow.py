@@ -1,0 +1,270 @@
+"""Tokens -> 50 Hz mel: the reference's ``CausalMaskedDiffWithXvec`` + ``CausalConditionalCFM``.
+
+speaker embedding (192) -> L2-normalise -> ``spk_embed_affine_layer`` (-> 80);
+tokens -> ``input_embedding`` -> encoder (x2 upsampling) -> ``encoder_proj`` = mu (80);
+then 10 Euler steps of the DiT estimator from noise x0 over the cosine schedule
+``t = 1 - cos(linspace(0, 1, 11) * pi/2)``, with classifier-free guidance on a doubled
+batch (conditional row: mu, speaker, cond; unconditional row: all three zero):
+``v = 1.7 v_cond - 0.7 v_uncond``.
+
+Offline (:meth:`Flow.inference`): prompt and generated tokens are encoded together with
+full attention; ``cond`` is the prompt mel for the prompt frames and zero after; the
+generated frames are returned.
+
+Streaming (:meth:`Flow.setup_cache`, :meth:`Flow.inference_chunk`): the prompt (plus 3
+dummy lookahead tokens) pre-fills the caches; each chunk runs the encoder and the solver
+with caches and ``cond`` = 0. Every Euler step has its own DiT caches. Noise is read from
+a long buffer at the current DiT cache length, as the reference does. All state lives in
+:class:`FlowCache` objects the caller owns: nothing is kept on the module, so any number
+of streams can share one model (the reference keeps scratch buffers on the module).
+
+Noise: by default one ``randn(1, 80, 30000)`` buffer drawn once from a seeded
+``torch.Generator`` (the reference draws the same shape once per process, unseeded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepaudio2.model.token2wav.config import (DIT_CACHE_TAIL_FRAMES, N_TIMESTEPS, NOISE_FRAMES, FlowConfig)
+from stepaudio2.model.token2wav.dit import DiT
+from stepaudio2.model.token2wav.encoder import EncoderCache, UpsampleEncoder
+
+
+def cosine_t_span(n_timesteps: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    t = torch.linspace(0, 1, n_timesteps + 1, device=device, dtype=dtype)
+    return 1 - torch.cos(t * 0.5 * torch.pi)
+
+
+def euler_times(n_timesteps: int, device=None, dtype=torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(t, dt) per step, accumulated in ``dtype`` exactly as the reference's solver does
+    (t += dt; dt = t_span[step+1] - t)."""
+    span = cosine_t_span(n_timesteps, device, dtype)
+    t, dt = span[0].unsqueeze(0), span[1] - span[0]
+    out = []
+    for step in range(1, len(span)):
+        out.append((t, dt))
+        t = t + dt
+        if step < len(span) - 1:
+            dt = span[step + 1] - t
+    return out
+
+
+@dataclass
+class FlowCache:
+    """One stream's flow state.
+
+    ``dit_att``: ``[steps, depth, 2, H, T, 2*hd]`` K/V per Euler step, rows (cond,
+    uncond), newest chunk first along T; ``dit_cnn``: ``[steps, depth, 2, 2*hidden, 2]``;
+    ``prompt_frames``: the prompt mel length (for the trim rule)."""
+
+    encoder: EncoderCache
+    dit_att: torch.Tensor
+    dit_cnn: torch.Tensor
+    prompt_frames: int
+
+    @property
+    def offset(self) -> int:
+        """Frames in the DiT attention cache = where the next chunk reads the noise."""
+        return self.dit_att.shape[4]
+
+    def trim(self, keep_tail: int = DIT_CACHE_TAIL_FRAMES) -> None:
+        """The reference's rule after each chunk (``token2wav.py`` ``stream``): once the DiT
+        cache is longer than prompt + ``keep_tail``, keep its first ``prompt_frames`` and
+        last ``keep_tail`` entries. Because the newest frames come first, this keeps the
+        most recent ``prompt_frames`` generated frames and the last ``keep_tail`` prompt
+        frames (not "the prompt plus the last 100 frames" its comment suggests)."""
+        p = self.prompt_frames
+        if self.dit_att.shape[4] > p + keep_tail:
+            self.dit_att = torch.cat([self.dit_att[:, :, :, :, :p], self.dit_att[:, :, :, :, -keep_tail:]], dim=4)
+
+
+class CFMDecoder(nn.Module):
+    """Holds the estimator (state-dict prefix ``decoder.estimator``) and the CFG rate."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.estimator = DiT(cfg.estimator)
+        self.inference_cfg_rate = cfg.inference_cfg_rate
+
+    def _guide(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        v_cond, v_uncond = v[:n], v[n:]
+        return (1.0 + self.inference_cfg_rate) * v_cond - self.inference_cfg_rate * v_uncond
+
+    def solve(self, x, mu, spks, cond, n_timesteps: int = N_TIMESTEPS, mask=None):
+        """Offline solver over whole sequences ``[B, 80, T]`` (batch doubled for CFG)."""
+        b = x.shape[0]
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])
+        spks_in = torch.cat([spks, torch.zeros_like(spks)])
+        cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        mask_in = None if mask is None else torch.cat([mask, mask])
+        for t, dt in euler_times(n_timesteps, x.device, x.dtype):
+            v = self.estimator(torch.cat([x, x]), mu_in, t.expand(2 * b), spks_in, cond_in, mask_in)
+            x = x + dt * self._guide(v, b)
+        return x
+
+    def solve_chunk(self, x, mu, spks, cond, att: list | None, cnn: list | None, n_timesteps: int = N_TIMESTEPS,
+                    key_mask=None, lengths=None):
+        """Streaming solver for a batch of B sequences laid out as rows ``[B, 80, t]``.
+
+        ``att[s]`` ``[depth, 2B, H, T, 2*hd]`` and ``cnn[s]`` ``[depth, 2B, 2*hidden, 2]``
+        are step ``s``'s caches with rows (seq0 cond, seq0 uncond, seq1 cond, ...), or None
+        to start fresh. Returns x and the per-step new caches (lists)."""
+        b = x.shape[0]
+        mu_in = _interleave(mu, torch.zeros_like(mu))
+        spks_in = _interleave(spks, torch.zeros_like(spks))
+        cond_in = _interleave(cond, torch.zeros_like(cond))
+        new_att, new_cnn = [], []
+        for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
+            v, a, c = self.estimator.forward_chunk(
+                x.repeat_interleave(2, dim=0), mu_in, t.expand(2 * b), spks_in, cond_in,
+                None if att is None else att[s], None if cnn is None else cnn[s], key_mask, lengths)
+            v = v.view(b, 2, *v.shape[1:])
+            x = x + dt * ((1.0 + self.inference_cfg_rate) * v[:, 0] - self.inference_cfg_rate * v[:, 1])
+            new_att.append(a)
+            new_cnn.append(c)
+        return x, new_att, new_cnn
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """rows a0, b0, a1, b1, ..."""
+    return torch.stack([a, b], dim=1).reshape(-1, *a.shape[1:])
+
+
+class Flow(nn.Module):
+    def __init__(self, cfg: FlowConfig, noise_seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self.encoder = UpsampleEncoder(cfg.encoder)
+        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
+        self.decoder = CFMDecoder(cfg)
+        self.register_buffer("rand_noise", self.make_noise(noise_seed), persistent=False)
+
+    def make_noise(self, seed: int, frames: int = NOISE_FRAMES) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(1, self.cfg.output_size, frames, generator=g)
+
+    @property
+    def pre_lookahead_len(self) -> int:
+        return self.cfg.encoder.pre_lookahead_len
+
+    @property
+    def up_rate(self) -> int:
+        return self.cfg.encoder.up_stride
+
+    def speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    # ------------------------------------------------------------------ offline
+    def inference(self, tokens, prompt_tokens, prompt_mel, embedding, noise=None, n_timesteps: int = N_TIMESTEPS,
+                  encoder_mask=None, dit_mask=None):
+        """tokens ``[1, N]``, prompt_tokens ``[1, P]``, prompt_mel ``[1, T, 80]``,
+        embedding ``[1, 192]``, noise ``[1, 80, >= T + 2N]`` -> mel ``[1, 80, 2N]``.
+        The masks (bool, True = attend; token frames for the encoder, mel frames for the
+        DiT) are None in the reference's offline path."""
+        spks = self.speaker(embedding)
+        all_tokens = torch.cat([prompt_tokens, tokens], dim=1)
+        h = self.encoder_proj(self.encoder(self.input_embedding(torch.clamp(all_tokens, min=0)), encoder_mask))
+        t_prompt = prompt_mel.shape[1]
+        cond = torch.zeros_like(h)
+        cond[:, :t_prompt] = prompt_mel
+        if noise is None:
+            noise = self.rand_noise
+        x0 = noise[:, :, :h.shape[1]]
+        feat = self.decoder.solve(x0, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2).contiguous(),
+                                  n_timesteps, dit_mask)
+        return feat[:, :, t_prompt:]
+
+    # ---------------------------------------------------------------- streaming
+    def setup_cache(self, tokens, mel, embedding, noise=None, n_timesteps: int = N_TIMESTEPS) -> FlowCache:
+        """tokens ``[1, P + 3]`` (prompt tokens followed by 3 lookahead tokens), mel
+        ``[1, 2P, 80]``, embedding ``[1, 192]`` -> the prompt-filled cache."""
+        if (tokens.shape[1] - self.pre_lookahead_len) * self.up_rate != mel.shape[1]:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens (lookahead included) does not match "
+                             f"{mel.shape[1]} mel frames")
+        enc, att, cnn, _ = self._chunk([self.input_embedding(tokens)], [self.speaker(embedding)],
+                                       [mel.transpose(1, 2).contiguous()], [None], [False], [noise])
+        return FlowCache(enc[0], att[0], cnn[0], mel.shape[1])
+
+    def inference_chunk(self, tokens, embedding, cache: FlowCache, last: bool, noise=None,
+                        n_timesteps: int = N_TIMESTEPS) -> tuple[torch.Tensor, FlowCache]:
+        """tokens ``[1, t]`` (lookahead included unless ``last``) -> mel ``[1, 80, 2(t-3)]``
+        (``2t`` when ``last``) and the new cache (untrimmed; see :meth:`FlowCache.trim`)."""
+        mels, caches = self.inference_chunks([tokens], [embedding], [cache], [last], [noise], n_timesteps)
+        return mels[0], caches[0]
+
+    def inference_chunks(self, tokens: list, embeddings: list, caches: list[FlowCache], lasts: list[bool],
+                         noises: list, n_timesteps: int = N_TIMESTEPS) -> tuple[list[torch.Tensor], list[FlowCache]]:
+        """Several streams' chunks at once: the encoder runs per stream, the 10 estimator
+        calls run batched over all streams (padded, with key masks, when their chunk or
+        cache lengths differ)."""
+        embs = [self.input_embedding(t) for t in tokens]
+        spks = [self.speaker(e) for e in embeddings]
+        enc, att, cnn, mels = self._chunk(embs, spks, None, caches, lasts, noises, n_timesteps)
+        out = [FlowCache(enc[i], att[i], cnn[i], caches[i].prompt_frames) for i in range(len(tokens))]
+        return mels, out
+
+    def _chunk(self, embs, spks, conds, caches, lasts, noises, n_timesteps: int = N_TIMESTEPS):
+        n = len(embs)
+        mus, encs = [], []
+        for i in range(n):
+            h, ec = self.encoder.forward_chunk(embs[i], lasts[i], None if caches[i] is None else caches[i].encoder)
+            mus.append(self.encoder_proj(h).transpose(1, 2).contiguous())        # [1, 80, t_i]
+            encs.append(ec)
+        lens = [m.shape[2] for m in mus]
+        offsets = [0 if c is None else c.offset for c in caches]
+        t_max, c_max = max(lens), max(offsets)
+        x0s = []
+        for i in range(n):
+            buf = self.rand_noise if noises[i] is None else noises[i]
+            x0 = buf[:, :, offsets[i]:offsets[i] + lens[i]]
+            if x0.shape[2] != lens[i]:
+                raise ValueError(f"the noise buffer has {buf.shape[2]} frames; this chunk needs "
+                                 f"{offsets[i] + lens[i]}")
+            x0s.append(x0)
+        pad = lambda t: F.pad(t, (0, t_max - t.shape[-1]))           # noqa: E731
+        x = torch.cat([pad(t) for t in x0s])
+        mu = torch.cat([pad(t) for t in mus])
+        cond = torch.zeros_like(mu) if conds is None else torch.cat([pad(c) for c in conds])
+        spk = torch.cat(spks)
+        ragged = n > 1 and (len(set(lens)) > 1 or len(set(offsets)) > 1)
+        key_mask = lengths = None
+        if ragged:
+            ar_new = torch.arange(t_max, device=x.device)
+            ar_old = torch.arange(c_max, device=x.device)
+            rows = [torch.cat([ar_new < lens[i], ar_old < offsets[i]]) for i in range(n)]
+            key_mask = torch.stack(rows).repeat_interleave(2, dim=0)
+            lengths = torch.tensor(lens, device=x.device).repeat_interleave(2)
+        if all(c is None for c in caches):
+            att_in = cnn_in = None
+        elif any(c is None for c in caches):
+            raise ValueError("cannot batch a fresh stream with streams that have caches")
+        elif n == 1:
+            att_in, cnn_in = list(caches[0].dit_att), list(caches[0].dit_cnn)
+        else:
+            att_in = [self._stack_att([c.dit_att[s] for c in caches], c_max) for s in range(n_timesteps)]
+            cnn_in = [torch.cat([c.dit_cnn[s] for c in caches], dim=1) for s in range(n_timesteps)]
+        x, new_att, new_cnn = self.decoder.solve_chunk(x, mu, spk, cond, att_in, cnn_in, n_timesteps, key_mask,
+                                                       lengths)
+        atts, cnns, mels = [], [], []
+        for i in range(n):
+            rows = slice(2 * i, 2 * i + 2)
+            if ragged:
+                a = torch.stack([torch.cat([st[:, rows, :, :lens[i]], st[:, rows, :, t_max:t_max + offsets[i]]], dim=3)
+                                 for st in new_att])
+            else:
+                a = torch.stack([st[:, rows] for st in new_att])
+            atts.append(a)
+            cnns.append(torch.stack([st[:, rows] for st in new_cnn]))
+            mels.append(x[i:i + 1, :, :lens[i]])
+        return encs, atts, cnns, mels
+
+    @staticmethod
+    def _stack_att(per_stream: list[torch.Tensor], length: int) -> torch.Tensor:
+        """[depth, 2, H, T_i, 2hd] per stream -> [depth, 2B, H, length, 2hd], zero-padded."""
+        return torch.cat([F.pad(a, (0, 0, 0, length - a.shape[3])) for a in per_stream], dim=1)

@@ -1,0 +1,158 @@
+"""Build a Triton model repository from ``model_repository/`` (practice 5: one filler).
+
+Each ``model_repository/<model>/config.pbtxt.tmpl`` holds ``${name}`` placeholders;
+:func:`build_model_repo` copies the models to ``out_dir`` and writes each
+``config.pbtxt`` with every placeholder filled. A placeholder without a value, or a
+value no template uses, is an error: a repository is never half-filled.
+
+Torch-free: ``llm_dim`` is read from the checkpoint's ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from stepaudio2.runtime.errors import CheckpointError, InvalidArgument
+
+# ``${name}`` in a template (and, unfilled, in a config: triton_params treats it as unset).
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_DIR = ROOT / "model_repository"
+TEMPLATE_NAME = "config.pbtxt.tmpl"
+DEVICES = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    """Every value the templates may use, with its default and meaning."""
+
+    device: str = "cpu"               # cpu | gpu -> instance_group kind
+    instances: int = 1                # audio_encoder instances (the llm always has ONE: its engine batches)
+    max_batch: int = 8                # audio_encoder max_batch_size (dynamic batching)
+    queue_delay_us: int = 2000        # audio_encoder: how long the batcher waits to fill a batch
+    llm_max_batch: int | None = None  # sequences decoded together by the llm engine (None: max_batch)
+    llm_max_queue: int = 32           # llm requests waiting beyond that; more are refused (RESOURCE_EXHAUSTED)
+    prefill_budget: int = 512         # prompt tokens prefilled per engine step (chunked prefill)
+    kv_capacity: int = 256            # initial KV-cache length per slot (grows by doubling)
+    max_len: int | None = None        # context limit per sequence (None: the checkpoint's max positions)
+    dtype: str = "auto"               # weights dtype; auto keeps the checkpoint's torch_dtype
+    num_threads: int | None = None    # torch intra-op threads per model instance (None: torch's default)
+
+    def validate(self) -> "RepoOptions":
+        if self.device not in DEVICES:
+            raise InvalidArgument(f"must be one of {sorted(DEVICES)}, got {self.device!r}", field="device")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"must be one of {list(DTYPES)}, got {self.dtype!r}", field="dtype")
+        for name in ("instances", "max_batch", "llm_max_queue", "prefill_budget", "kv_capacity"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidArgument(f"must be >= 1, got {getattr(self, name)!r}", field=name)
+        for name in ("llm_max_batch", "max_len", "num_threads"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise InvalidArgument(f"must be >= 1, got {v!r}", field=name)
+        if self.queue_delay_us < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.queue_delay_us!r}", field="queue_delay_us")
+        return self
+
+
+def checkpoint_llm_dim(model_dir: Path) -> int:
+    """The LLM hidden width (= the adapter's output width) from ``config.json``."""
+    cfg_file = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        dim = int(cfg["text_config"]["hidden_size"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg_file} does not exist: --model-dir must be a Step-Audio 2 checkpoint folder") \
+            from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file} has no usable text_config.hidden_size ({e!r})") from None
+    adapter = (cfg.get("audio_encoder_config") or {}).get("llm_dim")
+    if adapter is not None and int(adapter) != dim:
+        raise CheckpointError(f"{cfg_file}: audio_encoder_config.llm_dim {adapter} != text_config.hidden_size {dim}")
+    return dim
+
+
+def template_values(model_dir: Path, opts: RepoOptions) -> dict[str, str]:
+    """Placeholder name -> text, for every placeholder our templates may use."""
+    def opt(v: Any) -> str:      # optional values: empty = unset (the model uses its default)
+        return "" if v is None else str(v)
+
+    return {
+        "model_dir": pbtxt_string(str(Path(model_dir).resolve())),
+        "llm_dim": str(checkpoint_llm_dim(model_dir)),
+        "instance_kind": DEVICES[opts.device],
+        "instances": str(opts.instances),
+        "max_batch": str(opts.max_batch),
+        "queue_delay_us": str(opts.queue_delay_us),
+        "llm_max_batch": str(opts.llm_max_batch or opts.max_batch),
+        "llm_max_queue": str(opts.llm_max_queue),
+        "prefill_budget": str(opts.prefill_budget),
+        "kv_capacity": str(opts.kv_capacity),
+        "max_len": opt(opts.max_len),
+        "dtype": opts.dtype,
+        "num_threads": opt(opts.num_threads),
+    }
+
+
+def pbtxt_string(s: str) -> str:
+    """Escape a value that goes inside a double-quoted protobuf text string."""
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def fill_template(text: str, values: Mapping[str, str], *, source: str = "template") -> str:
+    """Replace every ``${name}``; an unknown name is an error naming it and ``source``."""
+    missing = sorted({m.group(1) for m in PLACEHOLDER.finditer(text)} - set(values))
+    if missing:
+        raise InvalidArgument(f"{source} uses placeholders with no value: {', '.join(missing)}",
+                              field="model_repository")
+    out = PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+    if "${" in out:
+        raise InvalidArgument(f"{source} has a malformed placeholder near {out[out.index('${'):][:40]!r}",
+                              field="model_repository")
+    return out
+
+
+def available_models(template_dir: Path = TEMPLATE_DIR) -> list[str]:
+    return sorted(p.parent.name for p in Path(template_dir).glob(f"*/{TEMPLATE_NAME}"))
+
+
+def build_model_repo(model_dir: str | Path, out_dir: str | Path, device: str = "cpu", max_batch: int = 8,
+                     instances: int = 1, *, models: Sequence[str] | None = None,
+                     template_dir: str | Path = TEMPLATE_DIR, **options: Any) -> Path:
+    """Write a ready-to-serve Triton model repository to ``out_dir``; return its path.
+
+    ``options`` are :class:`RepoOptions` fields (``queue_delay_us``, ``llm_max_batch``,
+    ``llm_max_queue``, ``prefill_budget``, ``kv_capacity``, ``max_len``, ``dtype``,
+    ``num_threads``); an unknown one is an error. ``models`` picks a subset of the
+    template models (default: all). Models already in ``out_dir`` are replaced.
+    """
+    unknown = sorted(set(options) - set(RepoOptions.__dataclass_fields__))
+    if unknown:
+        raise InvalidArgument(f"unknown model repository options: {', '.join(unknown)}", field="options")
+    opts = RepoOptions(device=device, max_batch=max_batch, instances=instances, **options).validate()
+    model_dir, template_dir, out_dir = Path(model_dir), Path(template_dir), Path(out_dir)
+    values = template_values(model_dir, opts)
+    names = available_models(template_dir)
+    if not names:
+        raise InvalidArgument(f"no */{TEMPLATE_NAME} under {template_dir}", field="template_dir")
+    chosen = list(models) if models is not None else names
+    bad = sorted(set(chosen) - set(names))
+    if bad:
+        raise InvalidArgument(f"unknown models {bad}; available: {names}", field="models")
+    # Fill everything first, so a bad template leaves out_dir untouched.
+    configs = {name: fill_template((template_dir / name / TEMPLATE_NAME).read_text(), values,
+                                   source=f"{name}/{TEMPLATE_NAME}") for name in chosen}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        dst = out_dir / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(template_dir / name, dst,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", TEMPLATE_NAME))
+        (dst / "config.pbtxt").write_text(configs[name])
+    return out_dir
