@@ -167,10 +167,10 @@ def triton_level(model_dir: Path, tokens: int) -> dict:
 
     tok = StepAudioTokenizer.from_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        repo = build_model_repo(model_dir, Path(tmp) / "repo", device="cpu", max_batch=16)
-        with TritonServer(repo, workdir=Path(tmp) / "triton") as server:
-            server.wait_ready(120)
-            r = subprocess.run([sys.executable, "-c", CLIENT, server.urls["grpc"], str(tokens),
+        repo = build_model_repo(model_dir, Path(tmp) / "repo", device="cpu", max_batch=16, llm_max_queue=64,
+                                num_threads=1, models=["llm"])
+        with TritonServer(repo, work_dir=Path(tmp) / "triton") as server:
+            r = subprocess.run([sys.executable, "-c", CLIENT, server.urls.grpc, str(tokens),
                                 ",".join(map(str, STREAMS))], input=json.dumps(prompts(tok, max(STREAMS))),
                                capture_output=True, text=True, timeout=1800)
             if r.returncode != 0:

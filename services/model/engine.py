@@ -13,7 +13,11 @@ whole running batch at a time, and hands each request its new tokens through a c
   running streams for more than one step's worth of work;
 * a failed step (e.g. out of memory) finishes the requests of that batch with an error
   and the engine keeps serving;
-* every request gets exactly one final output (finished=True), on every path.
+* every request gets exactly one final output (finished=True), on every path;
+* with ``deliver_in_thread`` outputs are handed to the callbacks by a second thread
+  that merges whatever queued up for a request into one output, so a slow consumer
+  (e.g. Triton's response IPC) neither stalls the decode loop nor costs one message
+  per token once it falls behind.
 """
 from __future__ import annotations
 
@@ -94,7 +98,8 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 32, prefill_budget: int | None = 512,
-                 capacity: int = 256, max_len: int | None = None, idle_wait_s: float = 0.05):
+                 capacity: int = 256, max_len: int | None = None, idle_wait_s: float = 0.05,
+                 deliver_in_thread: bool = False):
         self.model = model
         self.gen = BatchGenerator(model, max_batch=max_batch, capacity=capacity, max_len=max_len,
                                   keep_finished=False, prefill_budget=prefill_budget)
@@ -109,12 +114,17 @@ class LLMEngine:
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._outbox: "queue.SimpleQueue | None" = queue.SimpleQueue() if deliver_in_thread else None
+        self._delivery: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "LLMEngine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
             self._thread.start()
+        if self._outbox is not None and self._delivery is None:
+            self._delivery = threading.Thread(target=self._delivery_loop, name="llm-engine-delivery", daemon=True)
+            self._delivery.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -125,6 +135,10 @@ class LLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._delivery is not None:
+            self._outbox.put(None)  # after everything the scheduler delivered
+            self._delivery.join(timeout)
+            self._delivery = None
 
     # -- requests --------------------------------------------------------------------
     def submit(self, request_id: str, input_ids, audio_embeds: Sequence = (), params: SamplingParams | None = None,
@@ -229,9 +243,46 @@ class LLMEngine:
             self._polls.pop(out.request_id, None)
         if emit is None:
             return
+        if self._outbox is not None:
+            self._outbox.put((emit, out))
+        else:
+            self._call(emit, out)
+
+    def _call(self, emit: Callable[[EngineOutput], None], out: EngineOutput) -> None:
         try:
             emit(out)
         except Exception:  # a caller's broken callback must not stop the batch
             log.exception("output callback of request %s failed; cancelling it", out.request_id)
             if not out.finished:
                 self.cancel(out.request_id)
+
+    def _delivery_loop(self) -> None:
+        """Hand outputs to their callbacks; whatever queued up meanwhile for one request
+        is merged into a single output (tokens in order, the final flag last)."""
+        while True:
+            items = [self._outbox.get()]
+            while True:
+                try:
+                    items.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            merged: dict[str, tuple] = {}
+            done = False
+            for item in items:
+                if item is None:
+                    done = True
+                    continue
+                emit, out = item
+                key = (out.request_id, id(emit))  # an id may be reused by a later request
+                if key in merged:
+                    m = merged[key][1]
+                    m.token_ids = m.token_ids + out.token_ids
+                    if out.finished:
+                        m.finished, m.finish_reason, m.error = True, out.finish_reason, out.error
+                else:
+                    merged[key] = (emit, EngineOutput(out.request_id, list(out.token_ids), out.finished,
+                                                                 out.finish_reason, out.error))
+            for emit, out in merged.values():
+                self._call(emit, out)
+            if done:
+                return

@@ -23,8 +23,9 @@ def prompts(tiny_model):
     return out
 
 
-def test_concurrent_requests_batch_and_match_in_process_greedy(tiny_model, prompts):
-    eng = LLMEngine(tiny_model, max_batch=8, prefill_budget=64).start()
+@pytest.mark.parametrize("deliver_in_thread", [False, True])
+def test_concurrent_requests_batch_and_match_in_process_greedy(tiny_model, prompts, deliver_in_thread):
+    eng = LLMEngine(tiny_model, max_batch=8, prefill_budget=64, deliver_in_thread=deliver_in_thread).start()
     try:
         results = {}
 
@@ -119,3 +120,27 @@ def test_stop_gives_every_request_a_final_output(tiny_model, prompts):
     assert h2.result(timeout=10)[1] == "cancelled"
     with pytest.raises(ResourceExhausted, match="shutting down"):
         eng.submit("z", *prompts[2])
+
+
+def test_delivery_thread_merges_what_queued_up_and_keeps_order(tiny_model, prompts):
+    """A slow consumer gets fewer, larger outputs - the same tokens, in order, final last."""
+    import time
+
+    eng = LLMEngine(tiny_model, max_batch=1, deliver_in_thread=True).start()
+    try:
+        outs, done = [], threading.Event()
+
+        def slow(o):
+            time.sleep(0.02)
+            outs.append(o)
+            if o.finished:
+                done.set()
+
+        eng.submit("s", *prompts[0], SamplingParams(max_new_tokens=40, min_tokens=40), on_output=slow)
+        assert done.wait(60)
+        ids = [t for o in outs for t in o.token_ids]
+        assert ids == tiny_model.generate(*prompts[0], max_new_tokens=40, min_tokens=40)
+        assert len(ids) == 40 and len(outs) < 40
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    finally:
+        eng.stop()

@@ -81,7 +81,8 @@ class TritonPythonModel:
                                 max_queue=get_param(params, "max_queue", int, minimum=1),
                                 prefill_budget=get_param(params, "prefill_budget", int, None, minimum=1),
                                 capacity=get_param(params, "kv_capacity", int, 256, minimum=1),
-                                max_len=get_param(params, "max_len", int, None, minimum=1)).start()
+                                max_len=get_param(params, "max_len", int, None, minimum=1),
+                                deliver_in_thread=True).start()
         self.metrics = EngineMetrics(pb_utils, lambda: engine_stats(self.engine),
                                      {"model": args["model_name"], "version": args["model_version"]},
                                      get_param(params, "metrics_interval_ms", int, 200, minimum=1) / 1000)
