@@ -108,6 +108,29 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+# When Triton restarts, gRPC reconnects with exponential backoff (default: up to 120 s),
+# during which every call fails fast with UNAVAILABLE. Cap it so the service recovers
+# within seconds of the inference server coming back.
+RECONNECT_BACKOFF_MS = (100, 2000)  # (initial/min, max)
+
+
+def _channel_args(keepalive: KeepAliveOptions) -> list[tuple[str, int]]:
+    """tritonclient's own channel options (unlimited message size, keepalive) plus a
+    capped reconnect backoff."""
+    max_msg = 2**31 - 1
+    return [
+        ("grpc.max_send_message_length", max_msg),
+        ("grpc.max_receive_message_length", max_msg),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
+
+
 class TritonClients:
     """Async clients of the ``audio_encoder`` and ``llm`` models on one Triton server.
 
@@ -127,7 +150,7 @@ class TritonClients:
         if keepalive_s > 0:
             keepalive = KeepAliveOptions(keepalive_time_ms=int(keepalive_s * 1000),
                                          keepalive_timeout_ms=max(1000, int(keepalive_s * 1000) // 2))
-        self._client = triton_aio.InferenceServerClient(url, keepalive_options=keepalive)
+        self._client = triton_aio.InferenceServerClient(url, channel_args=_channel_args(keepalive))
 
     async def close(self) -> None:
         await self._client.close()
