@@ -90,4 +90,6 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dims: TinyDims | st
     # Several shards even when tiny, so the index/shard path is always exercised.
     shard = max_shard_bytes or max(1, total // 3 + 1)
     save_checkpoint(state, cfg_dict, out, max_shard_bytes=shard)
+    from stepaudio2.model.token2wav.tiny import make_tiny_token2wav
+    make_tiny_token2wav(out / "token2wav", seed=seed)   # flow.yaml/pt, hift.pt, the two ONNX models
     return out

@@ -5,7 +5,13 @@ and ``hift.pt`` with the real tensor names. The vocoder's weight-normalised conv
 written as ``weight_g``/``weight_v`` (the old ``torch.nn.utils.weight_norm`` form) by
 default or as ``parametrizations.weight.original0/1``; the loader accepts both. The
 protocol widths (80 mel bins, 192-d speaker embedding, 6561 codes, 480 samples per frame)
-are the real ones. No ONNX files yet (voices from raw audio are a later part).
+are the real ones.
+
+The two ONNX pieces (``campplus.onnx``, ``speech_tokenizer_v2_25hz.onnx``) are exported
+with ``torch.onnx.export(dynamo=False)`` from tiny random modules with the released
+files' interface (names, dtypes, dynamic axes; see :data:`CAMPPLUS_IO`,
+:data:`TOKENIZER_IO`), so :class:`~stepaudio2.model.token2wav.features.VoiceEncoder` runs
+on them exactly as on the real ones.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stepaudio2.model.token2wav.checkpoint import FLOW_PT, FLOW_YAML, HIFT_PT, WN_FORMS, hift_weight_norm_convs
+from stepaudio2.model.token2wav.checkpoint import (FLOW_PT, FLOW_YAML, HIFT_PT, ONNX_FILES, WN_FORMS,
+                                                   hift_weight_norm_convs)
 from stepaudio2.model.token2wav.config import DiTConfig, EncoderConfig, FlowConfig, HiFTConfig
 
 
@@ -123,16 +130,104 @@ def random_hift_state(cfg: HiFTConfig, seed: int = 0, weight_norm_form: str = "w
     return {prefix + k: v for k, v in sd.items()}
 
 
+# ----------------------------------------------------------------------------- ONNX
+# The released files' interfaces (what the reference feeds them, token2wav.py / the
+# S3Tokenizer ONNX test / CosyVoice frontends; names also used by the TensorRT profile of
+# the yuekaizhang fork: CAM++ input "input"):
+#   campplus.onnx:                 input  "input"  float32 [batch, frames, 80]  (Kaldi fbank)
+#                                  output "output" float32 [batch, 192]
+#   speech_tokenizer_v2_25hz.onnx: inputs "feats" float32 [batch, 128, frames] (log-mel),
+#                                         "feats_length" int32 [batch]
+#                                  output "indices" int64 [batch, 1, tokens]  (25 Hz codes)
+CAMPPLUS_IO = {"inputs": {"input": ("float32", ("batch", "frames", 80))},
+               "outputs": {"output": ("float32", ("batch", 192))}}
+TOKENIZER_IO = {"inputs": {"feats": ("float32", ("batch", 128, "frames")), "feats_length": ("int32", ("batch",))},
+                "outputs": {"indices": ("int64", ("batch", 1, "tokens"))}}
+ONNX_OPSET = 17
+
+
+class TinyCampPlus(nn.Module):
+    """fbank [B, T, 80] -> 192-d embedding: a frame-wise MLP, mean and std pooling over
+    time (as CAM++'s statistics pooling), a linear head."""
+
+    def __init__(self, width: int = 32, emb: int = 192):
+        super().__init__()
+        self.frame = nn.Sequential(nn.Linear(80, width), nn.ReLU(), nn.Linear(width, width))
+        self.head = nn.Linear(2 * width, emb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.frame(x)
+        mean = h.mean(dim=1)
+        std = (h - mean.unsqueeze(1)).pow(2).mean(dim=1).add(1e-5).sqrt()
+        return self.head(torch.cat([mean, std], dim=-1))
+
+
+class TinyS3Tokenizer(nn.Module):
+    """log-mel [B, 128, T] + lengths -> 25 Hz codes in [0, 6561): padding masked from the
+    lengths, two stride-2 convs (k=3, p=1; T -> ceil(ceil(T/2)/2)) as the real tokenizer's
+    subsampling, a projection to 8 channels and FSQ (3 levels each: 3^8 = 6561 codes)."""
+
+    def __init__(self, width: int = 32, levels: int = 3, channels: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv1d(128, width, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.proj = nn.Linear(width, channels)
+        self.levels = levels
+        self.register_buffer("radix", torch.tensor([levels ** i for i in range(channels)], dtype=torch.long))
+
+    def forward(self, feats: torch.Tensor, feats_length: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(feats.shape[2], device=feats.device)
+        mask = (t.unsqueeze(0) < feats_length.to(torch.long).unsqueeze(1)).to(feats.dtype)
+        h = torch.nn.functional.gelu(self.conv1(feats * mask.unsqueeze(1)))
+        h = torch.nn.functional.gelu(self.conv2(h))
+        z = torch.tanh(self.proj(h.transpose(1, 2)))                  # [B, T', 8] in (-1, 1)
+        q = torch.round(z * (self.levels // 2)).to(torch.long) + self.levels // 2    # {0, 1, 2}
+        return (q * self.radix).sum(dim=-1).unsqueeze(1)               # [B, 1, T'] int64
+
+
+def _export(module: nn.Module, args: tuple, path: Path, io: dict) -> None:
+    import warnings
+
+    names_in, names_out = list(io["inputs"]), list(io["outputs"])
+    axes = {}
+    for name, (_, shape) in {**io["inputs"], **io["outputs"]}.items():
+        axes[name] = {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), input_names=names_in, output_names=names_out,
+                          dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+
+
+def write_tiny_onnx(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Export tiny random ``campplus.onnx`` and ``speech_tokenizer_v2_25hz.onnx`` into
+    ``folder`` (deterministic under ``seed``); returns their paths."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed + 2)
+    camp, tok = TinyCampPlus(), TinyS3Tokenizer()
+    for m in (camp, tok):
+        randomize(m, g)
+    with torch.no_grad():
+        tok.proj.weight.mul_(4.0)          # spread the codes over the FSQ levels
+    camp_path, tok_path = out / ONNX_FILES[0], out / ONNX_FILES[1]
+    _export(camp, (torch.randn(1, 50, 80),), camp_path, CAMPPLUS_IO)
+    _export(tok, (torch.randn(1, 128, 100), torch.tensor([100], dtype=torch.int32)), tok_path, TOKENIZER_IO)
+    return camp_path, tok_path
+
+
 def make_tiny_token2wav(path: str | Path, seed: int = 0, *, dims: TinyToken2WavDims = TinyToken2WavDims(),
                         weight_norm_form: str = "weight_g", hift_prefix: str = "",
-                        flow_cfg: FlowConfig | None = None) -> Path:
-    """Write ``flow.yaml``, ``flow.pt`` and ``hift.pt`` into the folder ``path`` (created);
-    deterministic under ``seed``. ``flow_cfg`` overrides the tiny flow widths (e.g. the
-    released ones for numerical checks). Returns the folder."""
+                        flow_cfg: FlowConfig | None = None, onnx: bool = True) -> Path:
+    """Write ``flow.yaml``, ``flow.pt``, ``hift.pt`` and (``onnx``) the two tiny ONNX
+    models into the folder ``path`` (created); deterministic under ``seed``. ``flow_cfg``
+    overrides the tiny flow widths (e.g. the released ones for numerical checks).
+    Returns the folder."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = flow_cfg or tiny_flow_config(dims)
     (out / FLOW_YAML).write_text(flow_yaml_text(cfg))
     torch.save(random_flow_state(cfg, seed), out / FLOW_PT)
     torch.save(random_hift_state(tiny_hift_config(dims), seed, weight_norm_form, hift_prefix), out / HIFT_PT)
+    if onnx:
+        write_tiny_onnx(out, seed)
     return out
