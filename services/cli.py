@@ -28,7 +28,12 @@ def cmd_make_tiny_checkpoint(args) -> int:
     return 0
 
 
+DEMO_CHECKPOINT = ROOT / "assets" / "demo-checkpoint"
+
+
 def _resolve_model_dir(arg: str | None) -> Path:
+    """--model-dir, else STEPAUDIO2_MODEL_DIR, else the shipped demo checkpoint (a small
+    Step-Audio 2 trained on synthetic spoken digits, assets/demo-checkpoint/README.md)."""
     from stepaudio2.runtime.settings import ModelSettings
 
     s = ModelSettings()
@@ -36,7 +41,9 @@ def _resolve_model_dir(arg: str | None) -> Path:
         return Path(arg)
     if s.model_dir:
         return s.model_dir
-    tiny = s.cache_dir / "tiny-checkpoint"
+    if (DEMO_CHECKPOINT / "config.json").exists():
+        return DEMO_CHECKPOINT
+    tiny = s.cache_dir / "tiny-checkpoint"  # a checkout without assets/: random weights
     if not (tiny / "config.json").exists():
         from stepaudio2.model.tiny import make_tiny_checkpoint
 
@@ -147,6 +154,10 @@ def cmd_demo(args) -> int:
         if "tiny-checkpoint" in str(model_dir):
             con.print("[yellow]random tiny weights: the transcripts below are noise; set STEPAUDIO2_MODEL_DIR to a "
                       "real checkpoint for real ones[/yellow]")
+        elif model_dir.resolve() == DEMO_CHECKPOINT.resolve():
+            con.print("[cyan]the shipped demo checkpoint: a 2.5 M-parameter Step-Audio 2 trained on synthetic "
+                      "(espeak-ng) spoken digits; it does not transcribe real human speech "
+                      "(assets/demo-checkpoint/README.md)[/cyan]")
         ref = wav.with_suffix(".txt")
         con.print(f"\n[bold]ASR[/bold] of {wav.name}" + (f" (reference: {ref.read_text().strip()!r})"
                                                           if ref.exists() else ""))
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         from stepaudio2.model.train_demo import train_demo
 
         s = train_demo(a.out, minutes=a.minutes, seed=a.seed, steps=a.steps, work_dir=a.work_dir,
-                       threads=a.threads or None)
+                       threads=a.threads or None, max_digits=a.max_digits)
         print(json.dumps({k: v for k, v in s.items() if k != "history"}, indent=2))
         return 0
 
@@ -219,7 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
         from stepaudio2.model.eval_asr import evaluate, render_report
 
         model_dir = Path(a.model_dir) if a.model_dir else ROOT / "assets" / "demo-checkpoint"
-        res = evaluate(model_dir, a.dir, max_new_tokens=a.max_new_tokens)
+        if a.served:
+            from stepaudio2.evaluation import evaluate_served
+            from stepaudio2.stack import LocalStack
+
+            with LocalStack(model_dir, orchestrator_options={"max_tokens_per_segment": a.max_new_tokens}) as stack:
+                res = evaluate_served(a.dir, grpc_address=stack.grpc_address, api_key=stack.api_key) \
+                    if a.served == "grpc" else \
+                    evaluate_served(a.dir, http_url=stack.http_url, api_key=stack.api_key, model=stack.model_id)
+        else:
+            res = evaluate(model_dir, a.dir, max_new_tokens=a.max_new_tokens, threads=a.threads or None)
         if a.json:
             print(json.dumps(res, indent=2, ensure_ascii=False))
         else:
@@ -233,13 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="fixed step count (step-based schedule, reproducible)")
     s.add_argument("--work-dir", default=None, help="speech/feature cache (default .cache/train-demo)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    s.add_argument("--max-digits", type=int, default=8, help="longest training digit string (default 8)")
     s.set_defaults(fn=cmd_train_demo)
 
     s = sub.add_parser("eval-asr", help="word error rate of a checkpoint on a folder of WAVs + manifest.jsonl")
     s.add_argument("dir", help="data folder: WAVs + manifest.jsonl")
     s.add_argument("--model-dir", default=None, help="checkpoint folder (default: assets/demo-checkpoint)")
     s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--served", choices=["grpc", "http"], default=None,
+                   help="start the served stack (Triton + orchestrator + gateway) and evaluate through it")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
     s.set_defaults(fn=cmd_eval_asr)
 
     # Serving commands live beside the code they start.

@@ -124,12 +124,21 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: dict, out_dir: str |
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        _readable(out_dir / fname)
         names.append(fname)
         wm.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return names
+
+
+def _readable(path: Path) -> None:
+    """safetensors writes files 0600; a checkpoint is read by other users and by
+    containers running as another uid, so give it the umask's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def checkpoint_bytes(model_dir: str | Path) -> int:

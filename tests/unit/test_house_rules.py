@@ -19,7 +19,7 @@ TRANSPORT = {"grpc", "grpc_tools", "grpc_health", "grpc_reflection", "fastapi", 
 TORCH = {"torch", "torchaudio", "transformers", "onnxruntime"}
 TORCH_FREE_MODULES = ["stepaudio2.model", "stepaudio2.model.audio", "stepaudio2.model.tokenizer",
                       "stepaudio2.model.prompt", "stepaudio2.model.parser", "stepaudio2.model.tiny_tokenizer",
-                      "stepaudio2.runtime.errors", "stepaudio2.runtime.voice_store",
+                      "stepaudio2.runtime.errors", "stepaudio2.runtime.voice_store", "stepaudio2.evaluation",
                       "stepaudio2.runtime.triton_client", "stepaudio2.runtime.triton_params",
                       "stepaudio2.model.token2wav"]
 SERVICE_PACKAGES = ["orchestrator", "gateway", "retrieval", "tools", "batch", "runtime"]
