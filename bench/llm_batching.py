@@ -151,16 +151,23 @@ def run_batch(n, concurrent):
     return total / el, [v["first"] for v in results.values()]
 
 out = {}
+reps = int(sys.argv[4])
 run_batch(1, False)  # warm-up
 for n in streams:
-    seq, _ = run_batch(n, False)
-    conc, firsts = run_batch(n, True)
-    out[n] = {"sequential_tok_s": seq, "concurrent_tok_s": conc, "ttft": firsts}
+    seqs, concs, firsts = [], [], []
+    for _ in range(reps):  # interleaved, median: the machine is shared and noisy
+        seqs.append(run_batch(n, False)[0])
+        c, f = run_batch(n, True)
+        concs.append(c)
+        firsts += f
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    out[n] = {"sequential_tok_s": med(seqs), "concurrent_tok_s": med(concs), "ttft": firsts,
+              "ratios": [c / s for c, s in zip(concs, seqs)]}
 print(json.dumps(out))
 """
 
 
-def triton_level(model_dir: Path, tokens: int) -> dict:
+def triton_level(model_dir: Path, tokens: int, reps: int = 3, stream_interval_ms: float = 8.0) -> dict:
     from stepaudio2.model.tokenizer import StepAudioTokenizer
     from stepaudio2.runtime.model_repo import build_model_repo
     from stepaudio2.runtime.triton import TritonServer
@@ -168,10 +175,10 @@ def triton_level(model_dir: Path, tokens: int) -> dict:
     tok = StepAudioTokenizer.from_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_model_repo(model_dir, Path(tmp) / "repo", device="cpu", max_batch=16, llm_max_queue=64,
-                                num_threads=1, models=["llm"])
+                                num_threads=1, models=["llm"], stream_interval_ms=stream_interval_ms)
         with TritonServer(repo, work_dir=Path(tmp) / "triton") as server:
             r = subprocess.run([sys.executable, "-c", CLIENT, server.urls.grpc, str(tokens),
-                                ",".join(map(str, STREAMS))], input=json.dumps(prompts(tok, max(STREAMS))),
+                                ",".join(map(str, STREAMS)), str(reps)], input=json.dumps(prompts(tok, max(STREAMS))),
                                capture_output=True, text=True, timeout=1800)
             if r.returncode != 0:
                 raise RuntimeError(f"load client failed: {r.stderr[-2000:]}")
@@ -181,7 +188,8 @@ def triton_level(model_dir: Path, tokens: int) -> dict:
         firsts = [f for f in v["ttft"] if f is not None]
         out[int(n)] = {"concurrent_tok_s": v["concurrent_tok_s"], "sequential_tok_s": v["sequential_tok_s"],
                        "ratio": v["concurrent_tok_s"] / v["sequential_tok_s"],
-                       "ttft_p50_ms": 1e3 * pct(firsts, 0.5), "ttft_p95_ms": 1e3 * pct(firsts, 0.95)}
+                       "ttft_p50_ms": 1e3 * pct(firsts, 0.5), "ttft_p95_ms": 1e3 * pct(firsts, 0.95),
+                       "ratio_per_rep": v["ratios"]}
     return out
 
 
@@ -189,11 +197,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
     ap.add_argument("--skip-triton", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per point through Triton (median)")
+    ap.add_argument("--stream-interval-ms", type=float, default=8.0, help="the llm model's stream interval")
     args = ap.parse_args()
     model_dir = checkpoint("decode-tiny", "tiny")
     results = {"machine": machine(), "tokens_per_stream": args.tokens, "engine": engine_level(model_dir, args.tokens)}
     if not args.skip_triton:
-        results["triton"] = triton_level(model_dir, args.tokens)
+        results["triton"] = triton_level(model_dir, args.tokens, args.reps, args.stream_interval_ms)
+        results["stream_interval_ms"] = args.stream_interval_ms
     rows = []
     for level in ("engine", "triton"):
         for n, v in results.get(level, {}).items():

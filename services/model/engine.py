@@ -99,7 +99,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 32, prefill_budget: int | None = 512,
                  capacity: int = 256, max_len: int | None = None, idle_wait_s: float = 0.05,
-                 deliver_in_thread: bool = False):
+                 deliver_in_thread: bool = False, stream_interval_s: float = 0.0):
         self.model = model
         self.gen = BatchGenerator(model, max_batch=max_batch, capacity=capacity, max_len=max_len,
                                   keep_finished=False, prefill_budget=prefill_budget)
@@ -115,6 +115,10 @@ class LLMEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._outbox: "queue.SimpleQueue | None" = queue.SimpleQueue() if deliver_in_thread else None
+        # With the delivery thread: wait this long after an output before handing it
+        # over, so tokens of the next steps ride in the same message (vLLM's "stream
+        # interval"). Costs at most this much latency per message.
+        self.stream_interval_s = stream_interval_s
         self._delivery: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -261,6 +265,8 @@ class LLMEngine:
         is merged into a single output (tokens in order, the final flag last)."""
         while True:
             items = [self._outbox.get()]
+            if self.stream_interval_s > 0 and items[0] is not None:
+                time.sleep(self.stream_interval_s)
             while True:
                 try:
                     items.append(self._outbox.get_nowait())

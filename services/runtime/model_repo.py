@@ -38,6 +38,7 @@ class RepoOptions:
     llm_max_batch: int | None = None  # sequences decoded together by the llm engine (None: max_batch)
     llm_max_queue: int = 32           # llm requests waiting beyond that; more are refused (RESOURCE_EXHAUSTED)
     prefill_budget: int = 512         # prompt tokens prefilled per engine step (chunked prefill)
+    stream_interval_ms: float = 8.0   # llm: tokens made within this window share one response (fewer IPC messages; +<=8 ms latency)
     kv_capacity: int = 256            # initial KV-cache length per slot (grows by doubling)
     max_len: int | None = None        # context limit per sequence (None: the checkpoint's max positions)
     dtype: str = "auto"               # weights dtype; auto keeps the checkpoint's torch_dtype
@@ -55,6 +56,8 @@ class RepoOptions:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise InvalidArgument(f"must be >= 1, got {v!r}", field=name)
+        if self.stream_interval_ms < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.stream_interval_ms!r}", field="stream_interval_ms")
         if self.queue_delay_us < 0:
             raise InvalidArgument(f"must be >= 0, got {self.queue_delay_us!r}", field="queue_delay_us")
         return self
@@ -92,6 +95,7 @@ def template_values(model_dir: Path, opts: RepoOptions) -> dict[str, str]:
         "llm_max_batch": str(opts.llm_max_batch or opts.max_batch),
         "llm_max_queue": str(opts.llm_max_queue),
         "prefill_budget": str(opts.prefill_budget),
+        "stream_interval_ms": str(opts.stream_interval_ms),
         "kv_capacity": str(opts.kv_capacity),
         "max_len": opt(opts.max_len),
         "dtype": opts.dtype,

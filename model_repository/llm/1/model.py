@@ -82,7 +82,9 @@ class TritonPythonModel:
                                 prefill_budget=get_param(params, "prefill_budget", int, None, minimum=1),
                                 capacity=get_param(params, "kv_capacity", int, 256, minimum=1),
                                 max_len=get_param(params, "max_len", int, None, minimum=1),
-                                deliver_in_thread=True).start()
+                                deliver_in_thread=True,
+                                stream_interval_s=get_param(params, "stream_interval_ms", float, 0.0,
+                                                            minimum=0) / 1000).start()
         self.metrics = EngineMetrics(pb_utils, lambda: engine_stats(self.engine),
                                      {"model": args["model_name"], "version": args["model_version"]},
                                      get_param(params, "metrics_interval_ms", int, 200, minimum=1) / 1000)

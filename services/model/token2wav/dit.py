@@ -94,6 +94,20 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self._out(o), new_cache
 
+    def forward_chunk_into(self, x: torch.Tensor, k_slot: torch.Tensor, v_slot: torch.Tensor,
+                           key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Like :meth:`forward_chunk`, but the caches live in caller-owned buffers:
+        ``k_slot``/``v_slot`` ``[B, H, t+T, hd]`` (views; only the last dim need be
+        contiguous) hold the T cached frames after their first t, which receive this
+        chunk's keys/values. Same keys in the same order as ``torch.cat([k, k_cache])``,
+        so the attention is bit-identical, without copying the cache."""
+        q, k, v = self._qkv(x)
+        t = k.shape[2]
+        k_slot[:, :, :t].copy_(k)
+        v_slot[:, :, :t].copy_(v)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self._out(F.scaled_dot_product_attention(q, k_slot, v_slot, attn_mask=mask))
+
 
 class CausalConvBlock(nn.Module):
     """causal conv k -> LayerNorm -> Mish -> causal conv k, on ``[B, T, C]``.
@@ -162,11 +176,30 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 9 * hidden))
 
     def forward(self, x, c, mask=None):
+        return self.forward_mods(x, self.modulations(c), mask)
+
+    def forward_mods(self, x, mods, mask=None):
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+         shift_conv, scale_conv, gate_conv) = mods
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
         x = x + gate_conv * self.conv(modulate(self.norm3(x), shift_conv, scale_conv))
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def modulations(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The 9 adaLN vectors; they depend on the time step only (see :meth:`DiT.modulations`)."""
+        return self.adaLN_modulation(c).chunk(9, dim=-1)
+
+    def forward_chunk_into(self, x, mods, k_slot, v_slot, cnn_cache, key_mask=None, lengths=None):
+        """:meth:`forward_chunk` with precomputed ``mods`` and in-place K/V slots
+        (:meth:`Attention.forward_chunk_into`); returns x and the new conv cache."""
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_conv, scale_conv, gate_conv) = mods
+        a = self.attn.forward_chunk_into(modulate(self.norm1(x), shift_msa, scale_msa), k_slot, v_slot, key_mask)
+        x = x + gate_msa * a
+        cv, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), shift_conv, scale_conv), cnn_cache, lengths)
+        x = x + gate_conv * cv
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x, new_cnn
 
     def forward_chunk(self, x, c, att_cache, cnn_cache, key_mask=None, lengths=None):
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
@@ -186,8 +219,11 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, out_channels)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def modulations(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.adaLN_modulation(c).chunk(2, dim=-1)
+
+    def forward(self, x, c, mods=None):
+        shift, scale = self.modulations(c) if mods is None else mods
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -200,6 +236,39 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.out_channels)
+        self._mod_cache: dict = {}
+        self._mod_params: list[torch.Tensor] | None = None
+
+    def modulations(self, t: torch.Tensor, key=None) -> list:
+        """All adaLN vectors for time steps ``t`` ``[B]``: one tuple per block, then the
+        final layer's. They depend on t only (not on the frames), so the solvers, whose
+        time steps are fixed, compute them once per (``key``, batch, device, dtype) and
+        reuse them for every chunk: the same arithmetic on the same inputs, so the same
+        values, without re-reading the 37.7 M adaLN weights 10 times per chunk. The cache
+        is dropped when any parameter changes (version counters) and is not used while
+        autograd records."""
+        if key is None or torch.is_grad_enabled():
+            return self._modulations(t)
+        if self._mod_params is None:
+            self._mod_params = list(self.t_embedder.parameters()) + [p for b in self.blocks for p in
+                                                                     b.adaLN_modulation.parameters()] + list(
+                self.final_layer.adaLN_modulation.parameters())
+        sig = tuple(p._version for p in self._mod_params) + tuple(p.data_ptr() for p in self._mod_params[:1])
+        k = (key, t.shape[0], t.device, t.dtype)
+        hit = self._mod_cache.get(k)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        if self._mod_cache and next(iter(self._mod_cache.values()))[0] != sig:
+            self._mod_cache.clear()
+        mods = self._modulations(t)
+        if len(self._mod_cache) > 256:
+            self._mod_cache.clear()
+        self._mod_cache[k] = (sig, mods)
+        return mods
+
+    def _modulations(self, t: torch.Tensor) -> list:
+        c = self.t_embedder(t).unsqueeze(1)
+        return [b.modulations(c) for b in self.blocks] + [self.final_layer.modulations(c)]
 
     @staticmethod
     def _inputs(x, mu, spks, cond):
@@ -215,6 +284,14 @@ class DiT(nn.Module):
             h = block(h, c, mask)
         return self.final_layer(h, c).transpose(1, 2)
 
+    def forward_cached(self, x, mu, t, spks, cond, mask=None, mod_key=None):
+        """:meth:`forward` with the adaLN vectors from :meth:`modulations`."""
+        mods = self.modulations(t, mod_key)
+        h = self.in_proj(self._inputs(x, mu, spks, cond))
+        for block, m in zip(self.blocks, mods):
+            h = block.forward_mods(h, m, mask)
+        return self.final_layer(h, None, mods[-1]).transpose(1, 2)
+
     def forward_chunk(self, x, mu, t, spks, cond, att_cache=None, cnn_cache=None, key_mask=None, lengths=None):
         """One chunk ``[B, 80, t]``; att_cache ``[depth, B, H, T, 2*hd]`` or None; cnn_cache
         ``[depth, B, 2*hidden, 2]`` or None. Returns the velocity and the new caches
@@ -228,3 +305,17 @@ class DiT(nn.Module):
             new_att.append(a)
             new_cnn.append(cv)
         return self.final_layer(h, c).transpose(1, 2), torch.stack(new_att), torch.stack(new_cnn)
+
+    def forward_chunk_into(self, x, mu, t, spks, cond, k_slots, v_slots, cnn_cache=None, key_mask=None, lengths=None,
+                           mod_key=None):
+        """:meth:`forward_chunk` with caller-owned K/V buffers: ``k_slots[i]``/``v_slots[i]``
+        ``[B, H, t+T, hd]`` for block i (first t frames written here, the cache after
+        them). Returns the velocity and the new conv cache ``[depth, B, 2*hidden, 2]``."""
+        mods = self.modulations(t, mod_key)
+        h = self.in_proj(self._inputs(x, mu, spks, cond))
+        new_cnn = []
+        for i, block in enumerate(self.blocks):
+            h, cv = block.forward_chunk_into(h, mods[i], k_slots[i], v_slots[i],
+                                             None if cnn_cache is None else cnn_cache[i], key_mask, lengths)
+            new_cnn.append(cv)
+        return self.final_layer(h, None, mods[-1]).transpose(1, 2), torch.stack(new_cnn)

@@ -23,8 +23,6 @@ Noise: by default one ``randn(1, 80, 30000)`` buffer drawn once from a seeded
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,33 +51,108 @@ def euler_times(n_timesteps: int, device=None, dtype=torch.float32) -> list[tupl
     return out
 
 
-@dataclass
 class FlowCache:
     """One stream's flow state.
 
-    ``dit_att``: ``[steps, depth, 2, H, T, 2*hd]`` K/V per Euler step, rows (cond,
-    uncond), newest chunk first along T; ``dit_cnn``: ``[steps, depth, 2, 2*hidden, 2]``;
-    ``prompt_frames``: the prompt mel length (for the trim rule)."""
+    ``dit_att`` (materialised on access): ``[steps, depth, 2, H, T, 2*hd]`` K/V per Euler
+    step, rows (cond, uncond), newest chunk first along T; ``dit_cnn``:
+    ``[steps, depth, 2, 2*hidden, 2]``; ``prompt_frames``: the prompt mel length (for the
+    trim rule).
 
-    encoder: EncoderCache
-    dit_att: torch.Tensor
-    dit_cnn: torch.Tensor
-    prompt_frames: int
+    Storage: the keys and values live in two preallocated buffers
+    ``[steps, depth, 2, H, capacity, hd]``, right-aligned: the cache is ``[start:]``. A
+    chunk writes its new keys just left of ``start`` and the estimator attends over the
+    view ``[start - t:]``, which holds exactly the keys (in the same order) that the
+    reference's ``torch.cat([k, k_cache])`` builds: the arithmetic is unchanged, but the
+    cache is not copied per block and step, nor re-stacked, and :meth:`trim` moves only
+    the kept head instead of copying the whole cache (the reference's ~0.5 GB per chunk)."""
+
+    SLACK = 64          # spare frames allocated left of the cache (one standard chunk = 50)
+
+    def __init__(self, encoder: EncoderCache, dit_att: torch.Tensor | None, dit_cnn: torch.Tensor,
+                 prompt_frames: int, *, _kv: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+        self.encoder = encoder
+        self.dit_cnn = dit_cnn
+        self.prompt_frames = prompt_frames
+        if _kv is not None:
+            self._k, self._v, self._start = _kv
+        else:                                   # from the packed layout
+            k, v = dit_att.chunk(2, dim=-1)
+            self._k, self._v, self._start = self._alloc(k.shape, k.shape[4] + self.SLACK, k.dtype, k.device)
+            self._k[..., self._start - k.shape[4]:, :] = k
+            self._v[..., self._start - k.shape[4]:, :] = v
+            self._start -= k.shape[4]
+
+    @staticmethod
+    def _alloc(shape, capacity: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        full = (*shape[:4], capacity, shape[5])
+        return torch.empty(full, dtype=dtype, device=device), torch.empty(full, dtype=dtype, device=device), capacity
+
+    @classmethod
+    def empty(cls, encoder, dit_cnn, prompt_frames: int, steps: int, depth: int, heads: int, head_dim: int,
+              capacity: int, dtype=torch.float32, device=None) -> FlowCache:
+        kv = cls._alloc((steps, depth, 2, heads, 0, head_dim), capacity, dtype, device)
+        return cls(encoder, None, dit_cnn, prompt_frames, _kv=kv)
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[4]
 
     @property
     def offset(self) -> int:
         """Frames in the DiT attention cache = where the next chunk reads the noise."""
-        return self.dit_att.shape[4]
+        return self.capacity - self._start
+
+    @property
+    def dit_att(self) -> torch.Tensor:
+        return torch.cat([self._k[..., self._start:, :], self._v[..., self._start:, :]], dim=-1)
+
+    def kv_views(self, step: int, new: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per block, the K and V views ``[2, H, new + offset, hd]`` whose first ``new``
+        frames the next chunk fills (call :meth:`reserve` first)."""
+        lo = self._start - new
+        return ([k[:, :, lo:] for k in self._k[step]], [v[:, :, lo:] for v in self._v[step]])
+
+    def reserve(self, new: int) -> None:
+        """Make room for ``new`` frames left of the cache (reallocates if needed)."""
+        if self._start >= new:
+            return
+        n = self.offset
+        k, v, cap = self._alloc(self._k.shape, n + new + self.SLACK, self._k.dtype, self._k.device)
+        k[..., cap - n:, :] = self._k[..., self._start:, :]
+        v[..., cap - n:, :] = self._v[..., self._start:, :]
+        self._k, self._v, self._start = k, v, cap - n
+
+    def advance(self, new: int) -> None:
+        """The ``new`` frames left of the cache were written: they join it (newest first)."""
+        self._start -= new
 
     def trim(self, keep_tail: int = DIT_CACHE_TAIL_FRAMES) -> None:
         """The reference's rule after each chunk (``token2wav.py`` ``stream``): once the DiT
         cache is longer than prompt + ``keep_tail``, keep its first ``prompt_frames`` and
         last ``keep_tail`` entries. Because the newest frames come first, this keeps the
         most recent ``prompt_frames`` generated frames and the last ``keep_tail`` prompt
-        frames (not "the prompt plus the last 100 frames" its comment suggests)."""
-        p = self.prompt_frames
-        if self.dit_att.shape[4] > p + keep_tail:
-            self.dit_att = torch.cat([self.dit_att[:, :, :, :, :p], self.dit_att[:, :, :, :, -keep_tail:]], dim=4)
+        frames (not "the prompt plus the last 100 frames" its comment suggests).
+
+        In place: the kept tail already sits at the right end; the head moves right by
+        the dropped length (in blocks no longer than the shift, right to left, so no
+        block overwrites frames still to be read)."""
+        p, n, s = self.prompt_frames, self.offset, self._start
+        if n <= p + keep_tail:
+            return
+        d = n - p - keep_tail
+        for buf in (self._k, self._v):
+            if p == 0:
+                pass
+            elif d * 8 < p:                    # many tiny blocks: one temporary copy instead
+                buf[..., s + d:s + d + p, :] = buf[..., s:s + p, :].clone()
+            else:
+                hi = s + p
+                while hi > s:
+                    lo = max(s, hi - d)
+                    buf[..., lo + d:hi + d, :] = buf[..., lo:hi, :]
+                    hi = lo
+        self._start = s + d
 
 
 class CFMDecoder(nn.Module):
@@ -101,8 +174,9 @@ class CFMDecoder(nn.Module):
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
         mask_in = None if mask is None else torch.cat([mask, mask])
-        for t, dt in euler_times(n_timesteps, x.device, x.dtype):
-            v = self.estimator(torch.cat([x, x]), mu_in, t.expand(2 * b), spks_in, cond_in, mask_in)
+        for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
+            v = self.estimator.forward_cached(torch.cat([x, x]), mu_in, t.expand(2 * b), spks_in, cond_in, mask_in,
+                                              mod_key=("offline", n_timesteps, s))
             x = x + dt * self._guide(v, b)
         return x
 
@@ -127,6 +201,27 @@ class CFMDecoder(nn.Module):
             new_att.append(a)
             new_cnn.append(c)
         return x, new_att, new_cnn
+
+
+    def solve_chunk_into(self, x, mu, spks, cond, k_slots, v_slots, cnn: list | None,
+                         n_timesteps: int = N_TIMESTEPS, key_mask=None, lengths=None):
+        """:meth:`solve_chunk` with caller-owned K/V buffers: ``k_slots[s][i]`` and
+        ``v_slots[s][i]`` ``[2B, H, t+T, hd]`` are step s, block i's views (first t
+        frames written here, the cache after them). Returns x and the new conv caches."""
+        b = x.shape[0]
+        mu_in = _interleave(mu, torch.zeros_like(mu))
+        spks_in = _interleave(spks, torch.zeros_like(spks))
+        cond_in = _interleave(cond, torch.zeros_like(cond))
+        g = self.inference_cfg_rate
+        new_cnn = []
+        for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
+            v, c = self.estimator.forward_chunk_into(
+                x.repeat_interleave(2, dim=0), mu_in, t.expand(2 * b), spks_in, cond_in, k_slots[s], v_slots[s],
+                None if cnn is None else cnn[s], key_mask, lengths, mod_key=("chunk", n_timesteps, s))
+            v = v.view(b, 2, *v.shape[1:])
+            x = x + dt * ((1.0 + g) * v[:, 0] - g * v[:, 1])
+            new_cnn.append(c)
+        return x, new_cnn
 
 
 def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,9 +282,9 @@ class Flow(nn.Module):
         if (tokens.shape[1] - self.pre_lookahead_len) * self.up_rate != mel.shape[1]:
             raise ValueError(f"prompt of {tokens.shape[1]} tokens (lookahead included) does not match "
                              f"{mel.shape[1]} mel frames")
-        enc, att, cnn, _ = self._chunk([self.input_embedding(tokens)], [self.speaker(embedding)],
-                                       [mel.transpose(1, 2).contiguous()], [None], [False], [noise])
-        return FlowCache(enc[0], att[0], cnn[0], mel.shape[1])
+        out, _ = self._chunk([self.input_embedding(tokens)], [self.speaker(embedding)],
+                             [mel.transpose(1, 2).contiguous()], [None], [False], [noise], n_timesteps)
+        return out[0]
 
     def inference_chunk(self, tokens, embedding, cache: FlowCache, last: bool, noise=None,
                         n_timesteps: int = N_TIMESTEPS) -> tuple[torch.Tensor, FlowCache]:
@@ -205,8 +300,7 @@ class Flow(nn.Module):
         cache lengths differ)."""
         embs = [self.input_embedding(t) for t in tokens]
         spks = [self.speaker(e) for e in embeddings]
-        enc, att, cnn, mels = self._chunk(embs, spks, None, caches, lasts, noises, n_timesteps)
-        out = [FlowCache(enc[i], att[i], cnn[i], caches[i].prompt_frames) for i in range(len(tokens))]
+        out, mels = self._chunk(embs, spks, None, caches, lasts, noises, n_timesteps)
         return mels, out
 
     def _chunk(self, embs, spks, conds, caches, lasts, noises, n_timesteps: int = N_TIMESTEPS):
@@ -240,29 +334,48 @@ class Flow(nn.Module):
             rows = [torch.cat([ar_new < lens[i], ar_old < offsets[i]]) for i in range(n)]
             key_mask = torch.stack(rows).repeat_interleave(2, dim=0)
             lengths = torch.tensor(lens, device=x.device).repeat_interleave(2)
-        if all(c is None for c in caches):
-            att_in = cnn_in = None
-        elif any(c is None for c in caches):
+        if any(c is None for c in caches) and not all(c is None for c in caches):
             raise ValueError("cannot batch a fresh stream with streams that have caches")
+        est = self.decoder.estimator.cfg
+        if caches[0] is None:
+            caches = [FlowCache.empty(None, None, lens[i], n_timesteps, est.depth, est.num_heads, est.head_dim,
+                                      lens[i] + DIT_CACHE_TAIL_FRAMES + FlowCache.SLACK, x.dtype, x.device)
+                      for i in range(n)]
+            cnn_in = None
         elif n == 1:
-            att_in, cnn_in = list(caches[0].dit_att), list(caches[0].dit_cnn)
+            cnn_in = list(caches[0].dit_cnn)
         else:
-            att_in = [self._stack_att([c.dit_att[s] for c in caches], c_max) for s in range(n_timesteps)]
             cnn_in = [torch.cat([c.dit_cnn[s] for c in caches], dim=1) for s in range(n_timesteps)]
-        x, new_att, new_cnn = self.decoder.solve_chunk(x, mu, spk, cond, att_in, cnn_in, n_timesteps, key_mask,
-                                                       lengths)
-        atts, cnns, mels = [], [], []
         for i in range(n):
-            rows = slice(2 * i, 2 * i + 2)
-            if ragged:
-                a = torch.stack([torch.cat([st[:, rows, :, :lens[i]], st[:, rows, :, t_max:t_max + offsets[i]]], dim=3)
-                                 for st in new_att])
-            else:
-                a = torch.stack([st[:, rows] for st in new_att])
-            atts.append(a)
-            cnns.append(torch.stack([st[:, rows] for st in new_cnn]))
+            caches[i].reserve(lens[i])
+        if n == 1:
+            views = [caches[0].kv_views(s, lens[0]) for s in range(n_timesteps)]
+            k_slots, v_slots = [v[0] for v in views], [v[1] for v in views]
+        else:
+            # several streams: one padded [steps, depth, 2n, H, t_max + c_max, hd] pair,
+            # laid out as the unbatched path's (new frames, then each cache zero-padded)
+            shape = (n_timesteps, est.depth, 2 * n, est.num_heads, t_max + c_max, est.head_dim)
+            kb, vb = x.new_zeros(shape), x.new_zeros(shape)
+            for i, c in enumerate(caches):
+                if offsets[i]:
+                    kb[:, :, 2 * i:2 * i + 2, :, t_max:t_max + offsets[i]] = c._k[..., c._start:, :]
+                    vb[:, :, 2 * i:2 * i + 2, :, t_max:t_max + offsets[i]] = c._v[..., c._start:, :]
+            k_slots = [list(kb[s]) for s in range(n_timesteps)]
+            v_slots = [list(vb[s]) for s in range(n_timesteps)]
+        x, new_cnn = self.decoder.solve_chunk_into(x, mu, spk, cond, k_slots, v_slots, cnn_in, n_timesteps,
+                                                   key_mask, lengths)
+        out, mels = [], []
+        for i in range(n):
+            c = caches[i]
+            if n > 1:
+                lo = c._start - lens[i]
+                c._k[..., lo:c._start, :] = kb[:, :, 2 * i:2 * i + 2, :, :lens[i]]
+                c._v[..., lo:c._start, :] = vb[:, :, 2 * i:2 * i + 2, :, :lens[i]]
+            c.advance(lens[i])
+            cnn = torch.stack([st[:, 2 * i:2 * i + 2] for st in new_cnn])
+            out.append(FlowCache(encs[i], None, cnn, c.prompt_frames, _kv=(c._k, c._v, c._start)))
             mels.append(x[i:i + 1, :, :lens[i]])
-        return encs, atts, cnns, mels
+        return out, mels
 
     @staticmethod
     def _stack_att(per_stream: list[torch.Tensor], length: int) -> torch.Tensor:

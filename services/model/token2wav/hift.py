@@ -38,7 +38,15 @@ class Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha.unsqueeze(0).unsqueeze(-1)
-        return x + (1.0 / (a + 1e-9)) * torch.pow(torch.sin(x * a), 2)
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            return x + (1.0 / (a + 1e-9)) * torch.pow(torch.sin(x * a), 2)
+        # the same operations in the same order, in one buffer (pow(y, 2) is y * y; the
+        # products and the final sum are commutative, so the values are bit-identical)
+        y = x * a
+        y.sin_()
+        y.mul_(y)
+        y.mul_(1.0 / (a + 1e-9))
+        return y.add_(x)
 
 
 def _padding(kernel: int, dilation: int = 1) -> int:
@@ -57,7 +65,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = c2(a2(c1(a1(x)))) + x
+            x = c2(a2(c1(a1(x)))).add_(x) if not torch.is_grad_enabled() else c2(a2(c1(a1(x)))) + x
         return x
 
 
