@@ -240,3 +240,13 @@ def patch_runs(ids: list[int], patch_id: int) -> list[tuple[int, int]]:
         else:
             i += 1
     return runs
+
+
+def load_for_serving(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
+                     num_threads: int | None = None) -> StepAudio2:
+    """What every serving process does at start: set torch's intra-op threads (one
+    per model instance on small CPU nodes), then load the checkpoint (``dtype`` "auto"
+    keeps the stored one)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return StepAudio2.from_pretrained(model_dir, dtype=None if dtype == "auto" else dtype, device=device)

@@ -22,18 +22,13 @@ def _input(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
-
-        from stepaudio2.model import StepAudio2
+        from stepaudio2.model.modeling import load_for_serving
 
         params = model_parameters(args["model_config"])
-        threads = get_param(params, "num_threads", int, None, minimum=1)
-        if threads:
-            torch.set_num_threads(threads)
-        dtype = get_param(params, "dtype", str, "auto", choices=DTYPES)
-        self.model = StepAudio2.from_pretrained(get_param(params, "model_dir"),
-                                                dtype=None if dtype == "auto" else dtype,
-                                                device=model_device(args))
+        self.model = load_for_serving(get_param(params, "model_dir"),
+                                      dtype=get_param(params, "dtype", str, "auto", choices=DTYPES),
+                                      device=model_device(args),
+                                      num_threads=get_param(params, "num_threads", int, None, minimum=1))
 
     def execute(self, requests):
         responses = [None] * len(requests)
