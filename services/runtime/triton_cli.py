@@ -24,6 +24,8 @@ def _repo_options(s: argparse.ArgumentParser) -> None:
                    help="llm requests that may wait; more are refused with RESOURCE_EXHAUSTED")
     g.add_argument("--prefill-budget", type=int, default=d.prefill_budget, help="prompt tokens prefilled per step")
     g.add_argument("--kv-capacity", type=int, default=d.kv_capacity, help="initial KV-cache length per slot")
+    g.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms,
+                   help="llm: tokens made within this window share one streamed response")
     g.add_argument("--max-len", type=int, default=None, help="context limit (default: the checkpoint's)")
     g.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per model instance")
@@ -40,7 +42,7 @@ def _build(args, out: Path) -> Path:
         models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
         queue_delay_us=args.queue_delay_us, llm_max_batch=args.llm_max_batch, llm_max_queue=args.llm_max_queue,
         prefill_budget=args.prefill_budget, kv_capacity=args.kv_capacity, max_len=args.max_len, dtype=args.dtype,
-        num_threads=args.num_threads)
+        num_threads=args.num_threads, stream_interval_ms=args.stream_interval_ms)
 
 
 def cmd_model_repo_build(args) -> int:
@@ -90,13 +92,13 @@ def register(sub) -> None:
     mr = sub.add_parser("model-repo", help="build the Triton model repository")
     mr_sub = mr.add_subparsers(dest="model_repo_command", required=True)
     s = mr_sub.add_parser("build", help="fill model_repository/ templates for a checkpoint into --out")
-    s.add_argument("--model-dir", default=None, help="checkpoint folder (default: STEPAUDIO2_MODEL_DIR or tiny)")
+    s.add_argument("--model-dir", default=None, help="checkpoint folder (default: STEPAUDIO2_MODEL_DIR or the demo checkpoint)")
     s.add_argument("--out", required=True, help="where to write the repository")
     _repo_options(s)
     s.set_defaults(fn=cmd_model_repo_build)
 
     s = sub.add_parser("triton", help="run the local tritonserver (nvidia-pytriton's) in the foreground")
-    s.add_argument("--model-dir", default=None, help="checkpoint folder (default: STEPAUDIO2_MODEL_DIR or tiny)")
+    s.add_argument("--model-dir", default=None, help="checkpoint folder (default: STEPAUDIO2_MODEL_DIR or the demo checkpoint)")
     s.add_argument("--model-repo", default=None,
                    help="serve this built repository (default: build one into <cache>/triton/model_repository)")
     s.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics")
