@@ -19,7 +19,7 @@ Presets:
     150 mel frames), 3 chunks (28 tokens keeping 3, the last one 25 tokens with last=True,
     3.0 s of audio); offline 125 tokens with the 75-token prompt (5.0 s of audio).
 
-Method (the anchor's, /work/shared/design/token2wav_cpu_anchor.md): streaming 1 warm-up pass
+Method (the anchor's, shared/design/token2wav_cpu_anchor.md): streaming 1 warm-up pass
 then ``--passes`` timed passes, each starting with a fresh ``stream()`` (setup timed
 separately); offline 1 warm-up then ``--reps`` timed runs; medians. Streaming RTF = sum of the
 chunk pushes / seconds of audio returned (setup excluded); first chunk = the first push
@@ -48,7 +48,7 @@ DEFAULT_BASELINE = "89827e0443d93150e9f58cb80acb1364dc5d80b0"   # before the tok
 OWN = ["api", "dit", "encoder", "flow", "hift"]                    # the modules the work changed
 SR = 24000
 
-# /work/shared/design/token2wav_cpu_anchor.md, 2 threads (reference code; NOT measured here)
+# shared/design/token2wav_cpu_anchor.md, 2 threads (reference code; NOT measured here)
 ANCHOR = {"stream_rtf": "3.38 / 3.57", "first_chunk_s": "3.30 / 3.35", "setup_s": "5.29 / 5.58",
           "chunk_s": "3.39 (median, chunks 1-8)", "offline_rtf": "2.97", "offline_s": "14.83"}
 
@@ -172,7 +172,7 @@ def bench_preset(preset: str, impls: dict, args) -> dict:
     else:
         folder, concurrency, n_prompt, n_tokens = real_folder(), [1], 75, 25 * args.real_chunks
     models = {name: mod.Token2Wav.from_pretrained(folder) for name, mod in impls.items()}
-    out = {"folder": str(folder), "streaming": {}, "offline": {}}
+    out = {"folder": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else folder.name, "streaming": {}, "offline": {}}
     for n in concurrency if "stream" in args.modes else []:
         runs = {name: [] for name in models}
         for name, m in models.items():                   # warm-up pass
@@ -227,7 +227,7 @@ def report(results: dict, names: list[str], threads: int) -> None:
                          ANCHOR[anchor] if preset == "real" and anchor else "-"])
     print_table(f"token2wav CPU speed ({threads} threads; ours vs baseline interleaved in one run; "
                 f"anchor column copied from token2wav_cpu_anchor.md)", cols, rows)
-    print("* anchor doc: /work/shared/design/token2wav_cpu_anchor.md (reference code, idle machine, 10 streaming "
+    print("* anchor doc: shared/design/token2wav_cpu_anchor.md (reference code, idle machine, 10 streaming "
           "chunks, 'pass 1 / pass 2'); copied, NOT measured by this run")
 
 
