@@ -86,6 +86,16 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError)
 
 
+async def _abort_for(context, exc: Exception, name: str) -> None:
+    """The one mapping of an exception escaping a servicer method to the RPC's end."""
+    if isinstance(exc, StepAudio2Error):
+        await abort_with_error(context, exc)
+    elif _is_abort(exc):
+        raise exc
+    else:
+        await abort_internal(context, exc, name)
+
+
 def grpc_error_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an async servicer method (``async def`` or async generator).
 
@@ -102,12 +112,8 @@ def grpc_error_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except asyncio.CancelledError:
                 raise
-            except StepAudio2Error as err:
-                await abort_with_error(context, err)
             except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                await abort_internal(context, exc, name)
+                await _abort_for(context, exc, name)
         return stream_wrapper
 
     @functools.wraps(method)
@@ -116,10 +122,6 @@ def grpc_error_boundary(method: Callable[..., Any]) -> Callable[..., Any]:
             return await method(self, request, context)
         except asyncio.CancelledError:
             raise
-        except StepAudio2Error as err:
-            await abort_with_error(context, err)
         except Exception as exc:
-            if _is_abort(exc):
-                raise
-            await abort_internal(context, exc, name)
+            await _abort_for(context, exc, name)
     return unary_wrapper
