@@ -32,6 +32,7 @@ ERROR_TABLE: dict[str, ErrorMapping] = {
     "DEADLINE_EXCEEDED": ErrorMapping("DEADLINE_EXCEEDED", 504, "UNAVAILABLE"),
     "CANCELLED": ErrorMapping("CANCELLED", 499, "CANCELLED"),
     "FAILED_PRECONDITION": ErrorMapping("FAILED_PRECONDITION", 400, "INVALID_ARG"),
+    "ALREADY_EXISTS": ErrorMapping("ALREADY_EXISTS", 409, "ALREADY_EXISTS"),
     "INTERNAL": ErrorMapping("INTERNAL", 500, "INTERNAL"),
 }
 
@@ -80,6 +81,19 @@ class CheckpointError(StepAudio2Error):
 
 class NotFound(StepAudio2Error):
     code = "NOT_FOUND"
+
+
+class AlreadyExists(StepAudio2Error):
+    """Creating something whose id is taken (a voice id, ...)."""
+
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(StepAudio2Error):
+    """The request is well-formed but the system is not in a state to run it (a chunk
+    for a stream that ended or expired, ...)."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(StepAudio2Error):

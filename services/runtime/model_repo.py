@@ -43,13 +43,26 @@ class RepoOptions:
     max_len: int | None = None        # context limit per sequence (None: the checkpoint's max positions)
     dtype: str = "auto"               # weights dtype; auto keeps the checkpoint's torch_dtype
     num_threads: int | None = None    # torch intra-op threads per model instance (None: torch's default)
+    t2w_max_batch: int = 8            # token2wav: streams' chunks run together in one execute()
+    t2w_max_streams: int = 64         # token2wav: open streams (Triton's candidate sequences = the state table's bound)
+    t2w_idle_timeout_s: float = 60.0  # token2wav: a stream without a chunk this long is freed (Triton + model)
+    t2w_queue_delay_us: int = 1000    # token2wav: how long the sequence batcher waits to fill a batch
+    t2w_noise_seed: int | None = None # token2wav: redraw the flow's fixed noise buffer from this seed (None: the default)
+    voices_dir: str | None = None     # voice library folder (None: STEPAUDIO2_VOICES_* settings, S3 or local)
+    voice_cache_items: int = 64       # token2wav: decoded voices kept in memory (LRU)
+    builtin_voices: bool = True       # token2wav: register default_female/default_male when the library lacks them
 
     def validate(self) -> "RepoOptions":
         if self.device not in DEVICES:
             raise InvalidArgument(f"must be one of {sorted(DEVICES)}, got {self.device!r}", field="device")
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"must be one of {list(DTYPES)}, got {self.dtype!r}", field="dtype")
-        for name in ("instances", "max_batch", "llm_max_queue", "prefill_budget", "kv_capacity"):
+        if not self.t2w_idle_timeout_s > 0:
+            raise InvalidArgument(f"must be > 0, got {self.t2w_idle_timeout_s!r}", field="t2w_idle_timeout_s")
+        if self.voice_cache_items < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.voice_cache_items!r}", field="voice_cache_items")
+        for name in ("instances", "max_batch", "llm_max_queue", "prefill_budget", "kv_capacity", "t2w_max_batch",
+                     "t2w_max_streams"):
             if int(getattr(self, name)) < 1:
                 raise InvalidArgument(f"must be >= 1, got {getattr(self, name)!r}", field=name)
         for name in ("llm_max_batch", "max_len", "num_threads"):
@@ -100,6 +113,14 @@ def template_values(model_dir: Path, opts: RepoOptions) -> dict[str, str]:
         "max_len": opt(opts.max_len),
         "dtype": opts.dtype,
         "num_threads": opt(opts.num_threads),
+        "t2w_max_batch": str(opts.t2w_max_batch),
+        "t2w_max_streams": str(opts.t2w_max_streams),
+        "t2w_idle_us": str(int(round(opts.t2w_idle_timeout_s * 1e6))),
+        "t2w_queue_delay_us": str(opts.t2w_queue_delay_us),
+        "t2w_noise_seed": opt(opts.t2w_noise_seed),
+        "voices_dir": pbtxt_string(str(Path(opts.voices_dir).resolve())) if opts.voices_dir else "",
+        "voice_cache_items": str(opts.voice_cache_items),
+        "builtin_voices": "true" if opts.builtin_voices else "false",
     }
 
 

@@ -29,6 +29,13 @@ def _repo_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--max-len", type=int, default=None, help="context limit (default: the checkpoint's)")
     g.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads per model instance")
+    g.add_argument("--t2w-max-batch", type=int, default=d.t2w_max_batch,
+                   help="token2wav: chunks of different streams run together")
+    g.add_argument("--t2w-max-streams", type=int, default=d.t2w_max_streams, help="token2wav: open streams at most")
+    g.add_argument("--t2w-idle-timeout-s", type=float, default=d.t2w_idle_timeout_s,
+                   help="token2wav: free a stream after this long without a chunk")
+    g.add_argument("--voices-dir", default=None,
+                   help="voice library folder (default: STEPAUDIO2_VOICES_* settings: S3 or a local folder)")
     g.add_argument("--models", default=None, help="comma-separated subset of the models (default: all)")
 
 
@@ -42,7 +49,9 @@ def _build(args, out: Path) -> Path:
         models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
         queue_delay_us=args.queue_delay_us, llm_max_batch=args.llm_max_batch, llm_max_queue=args.llm_max_queue,
         prefill_budget=args.prefill_budget, kv_capacity=args.kv_capacity, max_len=args.max_len, dtype=args.dtype,
-        num_threads=args.num_threads, stream_interval_ms=args.stream_interval_ms)
+        num_threads=args.num_threads, stream_interval_ms=args.stream_interval_ms,
+        t2w_max_batch=args.t2w_max_batch, t2w_max_streams=args.t2w_max_streams,
+        t2w_idle_timeout_s=args.t2w_idle_timeout_s, voices_dir=args.voices_dir)
 
 
 def cmd_model_repo_build(args) -> int:

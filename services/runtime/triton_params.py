@@ -268,7 +268,99 @@ def parse_llm_request(inputs: Mapping[str, np.ndarray | None], llm_dim: int) -> 
         if not np.issubdtype(stop.dtype, np.integer):
             raise InvalidArgument(f"must be an integer tensor, got {stop.dtype}", field="STOP_IDS")
         sampling["stop_ids"] = [int(i) for i in stop.reshape(-1)]
+    allowed = inputs.get("ALLOWED_TOKEN_IDS")
+    if allowed is not None:
+        sampling["allowed_token_ids"] = _int_list("ALLOWED_TOKEN_IDS", allowed)
+        if not sampling["allowed_token_ids"]:
+            raise InvalidArgument("is empty: allow at least one token (or leave it out)", field="ALLOWED_TOKEN_IDS")
+    bias_ids, bias_values = inputs.get("LOGIT_BIAS_IDS"), inputs.get("LOGIT_BIAS_VALUES")
+    if (bias_ids is None) != (bias_values is None):
+        raise InvalidArgument("LOGIT_BIAS_IDS and LOGIT_BIAS_VALUES go together", field="LOGIT_BIAS_IDS")
+    if bias_ids is not None:
+        keys = _int_list("LOGIT_BIAS_IDS", bias_ids)
+        vals = np.asarray(bias_values)
+        if not np.issubdtype(vals.dtype, np.floating):
+            raise InvalidArgument(f"must be a float tensor, got {vals.dtype}", field="LOGIT_BIAS_VALUES")
+        vals = vals.reshape(-1)
+        if vals.size != len(keys):
+            raise InvalidArgument(f"has {vals.size} values for {len(keys)} LOGIT_BIAS_IDS", field="LOGIT_BIAS_VALUES")
+        if not np.isfinite(vals).all():
+            raise InvalidArgument("contains NaN or infinite values", field="LOGIT_BIAS_VALUES")
+        sampling["logit_bias"] = {k: float(v) for k, v in zip(keys, vals)}
     return LLMRequest([int(i) for i in ids], embeds, sampling)
+
+
+def _int_list(name: str, x: np.ndarray) -> list[int]:
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise InvalidArgument(f"must be an integer tensor, got {x.dtype}", field=name)
+    return [int(i) for i in x.reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------
+# token2wav and voice_encoder requests
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ChunkRequest:
+    """One chunk of one token2wav stream (see ``stepaudio2.model.token2wav.serving``)."""
+
+    stream_id: Any
+    tokens: np.ndarray
+    start: bool = False
+    end: bool = False
+    voice: str | None = None
+    seed: int | None = None
+    cancel: bool = False
+
+
+def _flag(x: np.ndarray | None) -> bool:
+    return x is not None and bool(np.asarray(x).reshape(-1)[:1].astype(bool).any())
+
+
+def _string(name: str, x: np.ndarray | None) -> str | None:
+    if x is None:
+        return None
+    flat = np.asarray(x, dtype=object).reshape(-1)
+    if flat.size != 1:
+        raise InvalidArgument(f"must hold exactly one string, got {flat.size}", field=name)
+    v = flat[0]
+    try:
+        return v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v)
+    except UnicodeDecodeError:
+        raise InvalidArgument("is not valid UTF-8", field=name) from None
+
+
+def parse_t2w_request(inputs: Mapping[str, np.ndarray | None], correlation_id: Any = None) -> ChunkRequest:
+    """Validate one ``token2wav`` request: TOKENS, the sequence controls START / END /
+    CORRID (Triton fills them), and the optional VOICE, SEED, CANCEL."""
+    corr = inputs.get("CORRID")
+    stream_id = int(np.asarray(corr).reshape(-1)[0]) if corr is not None else correlation_id
+    if stream_id in (None, 0, ""):
+        raise InvalidArgument("a token2wav request must belong to a sequence (set a non-zero sequence id)",
+                              field="sequence_id")
+    tokens = inputs.get("TOKENS")
+    if tokens is None:
+        raise InvalidArgument("is required", field="TOKENS")
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise InvalidArgument(f"must be an integer tensor, got {tokens.dtype}", field="TOKENS")
+    seed = inputs.get("SEED")
+    return ChunkRequest(stream_id=stream_id, tokens=tokens.reshape(-1).astype(np.int64),
+                        start=_flag(inputs.get("START")), end=_flag(inputs.get("END")),
+                        voice=_string("VOICE", inputs.get("VOICE")),
+                        seed=None if seed is None else _scalar("SEED", seed, int),
+                        cancel=_flag(inputs.get("CANCEL")))
+
+
+def parse_voice_request(inputs: Mapping[str, np.ndarray | None]) -> bytes:
+    """The reference recording of one ``voice_encoder`` request (AUDIO: file bytes)."""
+    audio = inputs.get("AUDIO")
+    if audio is None:
+        raise InvalidArgument("is required", field="AUDIO")
+    flat = np.asarray(audio, dtype=object).reshape(-1)
+    if flat.size != 1 or not isinstance(flat[0], (bytes, bytearray)) or len(flat[0]) == 0:
+        raise InvalidArgument("must hold one non-empty audio file (WAV, FLAC or OGG bytes)", field="AUDIO")
+    return bytes(flat[0])
 
 
 def split_audio_embeds(embeds: np.ndarray | None, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:

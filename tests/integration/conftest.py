@@ -49,8 +49,9 @@ def start_triton(model_dir: Path, out_dir: Path, *, models=None, ready_timeout: 
 
 @pytest.fixture(scope="session")
 def triton(tiny_ckpt, tmp_path_factory):
-    """tritonserver with ``audio_encoder`` and ``llm`` (TRITON_REPO_OPTIONS) on free ports."""
-    with start_triton(tiny_ckpt, tmp_path_factory.mktemp("triton"), **TRITON_REPO_OPTIONS) as server:
+    """tritonserver with every model (TRITON_REPO_OPTIONS; the voice library in a temp folder) on free ports."""
+    tmp = tmp_path_factory.mktemp("triton")
+    with start_triton(tiny_ckpt, tmp, voices_dir=str(tmp / "voices"), **TRITON_REPO_OPTIONS) as server:
         yield server
 
 
@@ -61,6 +62,8 @@ def triton_factory(tiny_ckpt, tmp_path_factory):
     the session ends. Each one costs a few seconds of start-up: share them."""
     with contextlib.ExitStack() as stack:
         def factory(models=None, **repo_options):
-            return stack.enter_context(start_triton(tiny_ckpt, tmp_path_factory.mktemp("triton"), models=models,
-                                                    **{"num_threads": 1, **repo_options}))
+            tmp = tmp_path_factory.mktemp("triton")
+            return stack.enter_context(start_triton(tiny_ckpt, tmp, models=models,
+                                                    **{"num_threads": 1, "voices_dir": str(tmp / "voices"),
+                                                       **repo_options}))
         yield factory

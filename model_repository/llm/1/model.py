@@ -17,7 +17,8 @@ from stepaudio2.runtime.triton_params import (SAMPLING_INPUTS, EngineMetrics, Re
                                               get_param, model_device, model_parameters, parse_llm_request,
                                               split_audio_embeds, triton_error)
 
-INPUTS = ("INPUT_IDS", "AUDIO_EMBEDS", "STOP_IDS", *SAMPLING_INPUTS)
+INPUTS = ("INPUT_IDS", "AUDIO_EMBEDS", "STOP_IDS", "ALLOWED_TOKEN_IDS", "LOGIT_BIAS_IDS", "LOGIT_BIAS_VALUES",
+          *SAMPLING_INPUTS)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 

@@ -200,13 +200,13 @@ def _decode_channels(src: AudioSource) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 # ----------------------------------------------------------------------------- encoder
-def _session(path: Path):
+def _session(path: Path, threads: int = 1):
     import onnxruntime as ort
 
     if not path.is_file():
         raise CheckpointError(f"{path.name} is missing from {path.parent} (needed to make voices from audio)")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = max(1, int(threads))
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -234,11 +234,11 @@ def _check_io(sess, path: Path, inputs: list[tuple[str, int]], n_outputs: int) -
 class VoiceEncoder:
     """CAM++ speaker embedding + S3 tokenizer v2 + prompt mel for one ``token2wav/`` folder."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, num_threads: int | None = None):
         self.folder = Path(folder)
         camp_path, tok_path = self.folder / CAMPPLUS_ONNX, self.folder / TOKENIZER_ONNX
-        self._camp = _session(camp_path)
-        self._tok = _session(tok_path)
+        self._camp = _session(camp_path, num_threads or 1)
+        self._tok = _session(tok_path, num_threads or 1)
         (self._camp_in,) = _check_io(self._camp, camp_path, [("tensor(float)", 3)], 1)
         self._camp_out = self._camp.get_outputs()[0].name
         self._tok_feats, self._tok_len = _check_io(self._tok, tok_path,
@@ -254,15 +254,16 @@ class VoiceEncoder:
                                   f"expected {TOKENIZER_MELS}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VoiceEncoder:
-        """``path``: the ``token2wav/`` folder or a model folder holding it."""
+    def from_pretrained(cls, path: str | Path, num_threads: int | None = None) -> VoiceEncoder:
+        """``path``: the ``token2wav/`` folder or a model folder holding it; ``num_threads``:
+        ONNX Runtime intra-op threads (default 1)."""
         p = Path(path)
         if not (p / CAMPPLUS_ONNX).is_file() and ((p / "token2wav" / CAMPPLUS_ONNX).is_file()
                                                   or (p / "token2wav" / FLOW_YAML).is_file()):
             p = p / "token2wav"
         if not p.is_dir():
             raise CheckpointError(f"{p} is not a folder")
-        return cls(p)
+        return cls(p, num_threads)
 
     # ------------------------------------------------------------------ pieces
     def speaker_embedding(self, wav_16k) -> np.ndarray:
