@@ -105,7 +105,8 @@ class LocalStack:
                  work_dir: str | Path | None = None, repo_options: Mapping[str, Any] | None = None,
                  gateway_options: Mapping[str, Any] | None = None,
                  orchestrator_options: Mapping[str, Any] | None = None,
-                 triton_server=None, ready_timeout_s: float = 300.0, log_level: str = "warning"):
+                 triton_server=None, ready_timeout_s: float = 300.0, log_level: str = "warning",
+                 voices_dir: str | Path | None = None):
         if model_dir is None:
             from stepaudio2.cli import _resolve_model_dir
 
@@ -123,6 +124,16 @@ class LocalStack:
         self.repo_options = dict(repo_options or {})
         self.gateway_options = dict(gateway_options or {})
         self.orchestrator_options = dict(orchestrator_options or {})
+        # The voice library, shared by token2wav (in Triton) and the orchestrator: the given
+        # folder; else S3 when STEPAUDIO2_VOICES_S3_ENDPOINT is set; else the local default.
+        from stepaudio2.runtime.voice_store import VoiceStoreSettings
+
+        vs = VoiceStoreSettings()
+        if voices_dir is None:     # a given server knows its library (test fixtures set it)
+            voices_dir = getattr(triton_server, "voices_dir", None)
+        if voices_dir is None and not vs.s3_endpoint:
+            voices_dir = vs.local_folder
+        self.voices_dir = Path(voices_dir).resolve() if voices_dir is not None else None
         self.ready_timeout_s = ready_timeout_s
         self.log_level = log_level
         # An already running TritonServer serving this checkpoint (e.g. a test fixture) is
@@ -192,7 +203,8 @@ class LocalStack:
         deadline = time.monotonic() + self.ready_timeout_s
         if self._own_triton:
             repo = build_model_repo(self.model_dir, self.work_dir / "model_repository", device=self.device,
-                                    **self.repo_options)
+                                    **{"voices_dir": str(self.voices_dir) if self.voices_dir else None,
+                                       **self.repo_options})
             self.triton = TritonServer(repo, host=self.host, http_port=self._ports["triton_http"],
                                        grpc_port=self._ports["triton_grpc"],
                                        metrics_port=self._ports["triton_metrics"], work_dir=self.work_dir / "triton")
@@ -201,7 +213,7 @@ class LocalStack:
         orch = OrchestratorSettings(**{
             "host": self.host, "port": self._ports["grpc"], "triton_url": self.triton.urls.grpc,
             "model_dir": self.model_dir, "api_keys": SecretStr(f"{LOCAL_TENANT}:{self.api_key}"),
-            **self.orchestrator_options})
+            "voices_dir": self.voices_dir, **self.orchestrator_options})
         self.orchestrator = start_in_thread(orch)
         gw = GatewaySettings(**{"host": self.host, "port": self._ports["http"],
                                 "orchestrator_address": f"{self.host}:{self.orchestrator.port}",

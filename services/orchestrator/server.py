@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from stepaudio2.model.tokenizer import StepAudioTokenizer
 from stepaudio2.orchestrator.auth import ApiKeyInterceptor, ApiKeyStore
-from stepaudio2.orchestrator.service import AssistantService
+from stepaudio2.orchestrator.service import AssistantService, open_orchestrator_voices
 from stepaudio2.orchestrator.settings import OrchestratorSettings
 from stepaudio2.runtime.errors import InvalidArgument, StepAudio2Error
 from stepaudio2.runtime.triton_client import TritonClients
@@ -176,7 +176,8 @@ async def create_server(settings: OrchestratorSettings, *,
     if not port:
         raise OSError(f"cannot listen on {settings.address}")
     triton = triton or TritonClients(settings.triton_url, keepalive_s=settings.triton_keepalive_s)
-    assistant_pb2_grpc.add_AssistantServicer_to_server(AssistantService(settings, tokenizer, triton), server)
+    assistant_pb2_grpc.add_AssistantServicer_to_server(
+        AssistantService(settings, tokenizer, triton, voices=open_orchestrator_voices(settings)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)

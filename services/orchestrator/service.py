@@ -33,13 +33,16 @@ import grpc
 import numpy as np
 
 from stepaudio2.model import audio as audio_io
-from stepaudio2.model.parser import OutputParser, TextDelta
+from stepaudio2.model.parser import AudioCodes, OutputParser, TextDelta
 from stepaudio2.model.prompt import ASR_PROMPT, Prompt, assistant_prefix, audio_item, build_prompt
 from stepaudio2.model.tokenizer import StepAudioTokenizer
 from stepaudio2.orchestrator.auth import current_tenant
 from stepaudio2.orchestrator.segmentation import segment_audio
 from stepaudio2.orchestrator.settings import OrchestratorSettings
+from stepaudio2.orchestrator.tts import (OUTPUT_ENCODINGS, SAMPLE_RATE as TTS_RATE, AudioEncoder, SpeechChunker,
+                                         check_speed, time_stretch, tts_prompt)
 from stepaudio2.runtime.errors import (
+    AlreadyExists,
     AudioTooLarge,
     DeadlineExceeded,
     InvalidArgument,
@@ -48,7 +51,9 @@ from stepaudio2.runtime.errors import (
     StepAudio2Error,
 )
 from stepaudio2.runtime.grpc_errors import grpc_error_boundary, rich_status
-from stepaudio2.runtime.triton_client import GenerationParams, TritonClients
+from stepaudio2.runtime.triton_client import GenerationParams, TritonClients, new_stream_id
+from stepaudio2.runtime.voice_store import (BUILTIN_VOICES, Voice, VoiceStore, VoiceStoreSettings, check_voice_id,
+                                            open_voice_store)
 from stepaudio2.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -173,13 +178,67 @@ class _Segment:
 # ---------------------------------------------------------------------------------------
 # the servicer
 # ---------------------------------------------------------------------------------------
-class AssistantService(assistant_pb2_grpc.AssistantServicer):
-    """Transcribe / TranscribeStream / ListModels over Triton; the rest is UNIMPLEMENTED."""
+def open_orchestrator_voices(settings: OrchestratorSettings) -> VoiceStore:
+    """The voice library: ``settings.voices_dir`` when set, else ``STEPAUDIO2_VOICES_*``.
+    Not cached here: the orchestrator lists, checks and writes; token2wav caches reads."""
+    overrides: dict = {"cache_items": 0}
+    if settings.voices_dir is not None:
+        overrides["local_folder"] = settings.voices_dir
+    return open_voice_store(VoiceStoreSettings(**overrides))
 
-    def __init__(self, settings: OrchestratorSettings, tokenizer: StepAudioTokenizer, triton: TritonClients):
+
+def sampling_params(opts: common_pb2.SamplingOptions, *, default_max: int, limit: int, stop_ids: list[int],
+                    defaults: dict) -> GenerationParams:
+    """A request's SamplingOptions -> GenerationParams, unset fields from ``defaults``.
+    Range checks here name the field; the rest (ids within the vocabulary...) the model checks."""
+    def pick(name):
+        return getattr(opts, name) if opts.HasField(name) else defaults.get(name)
+
+    max_tokens = opts.max_tokens or default_max
+    if max_tokens > limit:
+        raise InvalidArgument(f"must be at most {limit}, got {max_tokens}", field="sampling.max_tokens")
+    if opts.min_tokens > max_tokens:
+        raise InvalidArgument(f"must be at most max_tokens ({max_tokens}), got {opts.min_tokens}",
+                              field="sampling.min_tokens")
+    t = float(pick("temperature") or 0.0)
+    if not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"must be in [0, {MAX_TEMPERATURE:g}], got {t!r}", field="sampling.temperature")
+    top_p = float(pick("top_p") if pick("top_p") is not None else 1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"must be in (0, 1], got {top_p!r}", field="sampling.top_p")
+    rep = float(pick("repetition_penalty") if pick("repetition_penalty") is not None else 1.0)
+    if not (math.isfinite(rep) and rep > 0):
+        raise InvalidArgument(f"must be > 0, got {rep!r}", field="sampling.repetition_penalty")
+    for k, v in opts.logit_bias.items():
+        if not math.isfinite(v) or abs(v) > 100:
+            raise InvalidArgument(f"bias of token {k} must be in [-100, 100], got {v!r}", field="sampling.logit_bias")
+    return GenerationParams(max_tokens=max_tokens, min_tokens=opts.min_tokens, temperature=t, top_p=top_p,
+                            top_k=int(pick("top_k") or 0), repetition_penalty=rep,
+                            seed=int(opts.seed) if opts.HasField("seed") else None, stop_ids=stop_ids,
+                            logit_bias=dict(opts.logit_bias) or None,
+                            allowed_token_ids=list(opts.allowed_token_ids) or None)
+
+
+def voice_info(voice: Voice) -> assistant_pb2.VoiceInfo:
+    return assistant_pb2.VoiceInfo(voice_id=voice.voice_id, name=voice.name, description=voice.description,
+                                   created=voice.created, prompt_tokens=int(voice.prompt_tokens.shape[0]),
+                                   builtin=voice.voice_id in BUILTIN_VOICES)
+
+
+# Conversation-style sampling for speech (spec §2.4).
+TTS_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.05}
+
+
+class AssistantService(assistant_pb2_grpc.AssistantServicer):
+    """Transcribe(Stream), Synthesize, the voice library and ListModels over Triton;
+    Converse and sessions are UNIMPLEMENTED."""
+
+    def __init__(self, settings: OrchestratorSettings, tokenizer: StepAudioTokenizer, triton: TritonClients,
+                 voices: VoiceStore | None = None):
         self.settings = settings
         self.tokenizer = tokenizer
         self.triton = triton
+        self.voices = voices if voices is not None else open_orchestrator_voices(settings)
         self.model_id = settings.served_model_id
         try:
             self.created = int((settings.model_dir / "config.json").stat().st_mtime)
@@ -213,8 +272,43 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     async def Converse(self, request_iterator, context):
         await _unimplemented(context, "Converse (spoken conversation)")
 
-    async def Synthesize(self, request, context):
-        await _unimplemented(context, "Synthesize (text to speech)")
+    @grpc_error_boundary
+    async def Synthesize(self, request: assistant_pb2.SynthesizeRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[assistant_pb2.SynthesizeEvent]:
+        async for event in self._synthesize(request, context):
+            yield event
+
+    @grpc_error_boundary
+    async def RegisterVoice(self, request: assistant_pb2.RegisterVoiceRequest,
+                            context: grpc.aio.ServicerContext) -> assistant_pb2.VoiceInfo:
+        return await self._register_voice(request, context)
+
+    @grpc_error_boundary
+    async def ListVoices(self, request: assistant_pb2.ListVoicesRequest,
+                         context: grpc.aio.ServicerContext) -> assistant_pb2.ListVoicesResponse:
+        def load():
+            out = []
+            for vid in self.voices.list():
+                try:
+                    out.append(voice_info(self.voices.get(vid)))
+                except NotFound:     # deleted meanwhile
+                    continue
+            return out
+        return assistant_pb2.ListVoicesResponse(voices=await asyncio.to_thread(load))
+
+    @grpc_error_boundary
+    async def GetVoice(self, request: assistant_pb2.GetVoiceRequest,
+                       context: grpc.aio.ServicerContext) -> assistant_pb2.VoiceInfo:
+        vid = check_voice_id(request.voice_id)
+        return voice_info(await asyncio.to_thread(self.voices.get, vid))
+
+    @grpc_error_boundary
+    async def DeleteVoice(self, request: assistant_pb2.DeleteVoiceRequest,
+                          context: grpc.aio.ServicerContext) -> assistant_pb2.DeleteVoiceResponse:
+        vid = check_voice_id(request.voice_id)
+        await asyncio.to_thread(self.voices.delete, vid)
+        _LOGGER.info("voice %r deleted by tenant %s", vid, current_tenant())
+        return assistant_pb2.DeleteVoiceResponse()
 
     async def CreateSession(self, request, context):
         await _unimplemented(context, "CreateSession")
@@ -332,7 +426,151 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             events.put_nowait((seg.index, "error", exc))
 
 
+    # -- voices ------------------------------------------------------------------------------
+
+    async def _register_voice(self, request: assistant_pb2.RegisterVoiceRequest,
+                              context: grpc.aio.ServicerContext) -> assistant_pb2.VoiceInfo:
+        s = self.settings
+        data = request.audio.data
+        if not data:
+            raise InvalidAudio("the reference recording is empty (0 bytes)", field="audio.data")
+        if len(data) > s.max_voice_bytes:
+            raise AudioTooLarge(f"the reference recording is {len(data)} bytes, more than the {s.max_voice_bytes} "
+                                f"allowed", field="audio.data")
+        if request.audio.encoding == common_pb2.AUDIO_ENCODING_PCM16:
+            raise InvalidAudio("register a voice from a WAV, FLAC or OGG file, not raw PCM16", field="audio.encoding")
+        if len(request.name) > 200 or len(request.description) > 2000:
+            raise InvalidArgument("name is limited to 200 and description to 2000 characters", field="name")
+        if request.voice_id:
+            vid = check_voice_id(request.voice_id)
+        else:
+            import hashlib
+
+            vid = "voice-" + hashlib.sha256(data).hexdigest()[:16]
+        if vid in BUILTIN_VOICES or await asyncio.to_thread(self.voices.exists, vid):
+            raise AlreadyExists(f"voice {vid!r} already exists: delete it first or pick another id", field="voice_id")
+        deadline = _Deadline(context, s.default_timeout_s)
+        tokens, mel, spk = await self.triton.encode_voice(data, timeout=deadline.remaining(),
+                                                          request_id=request_id_of(context))
+        voice = Voice(voice_id=vid, name=request.name or vid, description=request.description,
+                      prompt_tokens=tokens, prompt_mel=mel, speaker_embedding=spk)
+        await asyncio.to_thread(self.voices.put, voice, bytes(data))
+        _LOGGER.info("voice %r registered by tenant %s (%d prompt tokens)", vid, current_tenant(), len(tokens))
+        return voice_info(voice)
+
+    # -- text to speech ----------------------------------------------------------------------
+
+    def _check_tts_text(self, text: str) -> str:
+        if not text.strip():
+            raise InvalidArgument("text is empty: nothing to say", field="text")
+        if len(text) > self.settings.max_tts_chars:
+            raise InvalidArgument(f"text is {len(text)} characters, more than the {self.settings.max_tts_chars} "
+                                  f"allowed", field="text")
+        special = self.tokenizer.special_token_ids
+        for token_id in self.tokenizer.encode(text):
+            if token_id in special or token_id >= self.tokenizer.special.audio_start:
+                raise InvalidArgument(f"text contains the control token {self.tokenizer.id_to_token(token_id)!r}",
+                                      field="text")
+        return text
+
+    async def _synthesize(self, request: assistant_pb2.SynthesizeRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[assistant_pb2.SynthesizeEvent]:
+        s = self.settings
+        self._check_model(request.model)
+        text = self._check_tts_text(request.text)
+        voice = check_voice_id(request.voice or s.default_voice)
+        if request.encoding not in OUTPUT_ENCODINGS:
+            raise InvalidArgument(f"unsupported output encoding {request.encoding} (WAV, PCM16, FLAC, MP3)",
+                                  field="encoding")
+        fmt = OUTPUT_ENCODINGS[request.encoding]
+        speed = check_speed(request.speed)
+        sp = self.tokenizer.special
+        params = sampling_params(request.sampling, default_max=s.tts_max_tokens, limit=s.tts_max_tokens_limit,
+                                 stop_ids=[sp.eot, sp.tts_end], defaults=TTS_SAMPLING_DEFAULTS)
+        if not await asyncio.to_thread(self.voices.exists, voice):
+            raise NotFound(f"voice {voice!r} does not exist (see ListVoices)", field="voice")
+        prompt = tts_prompt(self.tokenizer, text, s.tts_prompt_style)
+        deadline = _Deadline(context, s.default_timeout_s)
+        rid = request_id_of(context)
+        started = time.monotonic()
+        encoder = AudioEncoder(fmt)
+        out_encoding = request.encoding or common_pb2.AUDIO_ENCODING_WAV
+        stretch = speed != 1.0
+        held: list[np.ndarray] = []          # whole utterance when time-stretching
+        seed = params.seed
+
+        # The LLM streams codes into `chunks` (a task of its own, so decoding goes on while
+        # token2wav works); this loop sends each chunk to token2wav in order.
+        chunks: asyncio.Queue = asyncio.Queue()
+        usage = {"completion": 0}
+
+        async def decode() -> None:
+            try:
+                parser = OutputParser(self.tokenizer, in_tts=True)
+                chunker = SpeechChunker()
+                async for ids in self.triton.generate(prompt.input_ids, [], params, timeout=deadline.remaining(),
+                                                      request_id=rid):
+                    usage["completion"] += len(ids)
+                    codes = [c for e in parser.feed_many(ids) if isinstance(e, AudioCodes) for c in e.codes]
+                    for chunk in chunker.feed(codes):
+                        chunks.put_nowait(("chunk", chunk))
+                parser.finish()
+                chunks.put_nowait(("last", chunker.finish()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to the request's loop
+                chunks.put_nowait(("error", exc))
+
+        stream_id = new_stream_id()
+        opened = closed = False
+        task = asyncio.create_task(decode())
+        total_codes = samples_out = 0
+        try:
+            while not closed:
+                kind, payload = await chunks.get()
+                if kind == "error":
+                    raise payload
+                last = kind == "last"
+                if last and not opened and not payload:
+                    closed = True                 # the model said nothing speakable
+                    break
+                audio = await self.triton.token2wav_chunk(
+                    stream_id, payload, start=not opened, end=last, voice=None if opened else voice,
+                    seed=None if opened else seed, timeout=deadline.remaining(), request_id=rid)
+                opened, closed = True, last
+                new_codes = len(payload) - (0 if total_codes == 0 else 3) if payload else 0
+                total_codes += max(0, new_codes)
+                samples_out += audio.size
+                if stretch:
+                    held.append(audio)
+                    continue
+                data = encoder.push(audio)
+                if data:
+                    yield assistant_pb2.SynthesizeEvent(
+                        audio=common_pb2.AudioChunk(data=data, encoding=out_encoding, sample_rate_hz=TTS_RATE),
+                        speech_tokens=max(0, new_codes))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if opened and not closed:
+                await self.triton.cancel_token2wav(stream_id)
+        tail = b""
+        if stretch:       # time-stretching needs the whole utterance: one audio event at the end
+            whole = await asyncio.to_thread(time_stretch, np.concatenate(held) if held else np.zeros(0, np.float32),
+                                            speed)
+            samples_out = whole.size
+            tail = encoder.push(whole)
+        tail += encoder.finish()
+        _LOGGER.info("request %s: synthesized %.2f s (%d speech codes, %d tokens) in voice %r, tenant %s, %.2f s",
+                     rid, samples_out / TTS_RATE, total_codes, usage["completion"], voice, current_tenant(),
+                     time.monotonic() - started)
+        yield assistant_pb2.SynthesizeEvent(
+            audio=common_pb2.AudioChunk(data=tail, encoding=out_encoding, sample_rate_hz=TTS_RATE),
+            usage=common_pb2.Usage(prompt_tokens=len(prompt.input_ids), completion_tokens=usage["completion"],
+                                   audio_seconds_milli=int(round(samples_out * 1000 / TTS_RATE))))
+
+
 async def _unimplemented(context: grpc.aio.ServicerContext, what: str) -> None:
     await context.abort_with_status(rich_status(
         grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED",
-        f"{what} is declared in stepaudio2.v1 but not served yet; use Transcribe or TranscribeStream"))
+        f"{what} is declared in stepaudio2.v1 but not served yet; use Transcribe, TranscribeStream or Synthesize"))

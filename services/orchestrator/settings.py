@@ -3,6 +3,7 @@ default and a comment; env prefix ``STEPAUDIO2_ORCH_``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,7 +15,7 @@ class OrchestratorSettings(BaseSettings):
     # Where the public gRPC API listens. Port 0 picks a free port (tests, `up --grpc-port 0`).
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
-    # Triton's gRPC address (host:port) serving `audio_encoder` and `llm`.
+    # Triton's gRPC address (host:port) serving `audio_encoder`, `llm`, `token2wav`, `voice_encoder`.
     triton_url: str = "127.0.0.1:8001"
     # Keepalive ping interval towards Triton, seconds; 0 = off. Enable only together with
     # Triton's --grpc-http2-min-recv-ping-interval-without-data below it (else GOAWAY).
@@ -42,6 +43,23 @@ class OrchestratorSettings(BaseSettings):
     # Budget of one request's Triton calls when the caller sets no gRPC deadline, seconds.
     default_timeout_s: float = Field(default=3600.0, gt=0)
 
+    # Text to speech (Synthesize): the prompt (spec §2.3): `chat` for the chat model
+    # (Step-Audio-2-mini), `base` for the Base model.
+    tts_prompt_style: Literal["chat", "base"] = "chat"
+    # Longest text one Synthesize request may read, characters.
+    max_tts_chars: int = Field(default=4096, gt=0)
+    # Tokens generated per Synthesize request when the request leaves it 0, and the most
+    # it may ask for (about 31 LLM tokens per second of speech, spec §2.2).
+    tts_max_tokens: int = Field(default=2048, gt=0)
+    tts_max_tokens_limit: int = Field(default=8192, gt=0)
+    # The voice used when a request names none.
+    default_voice: str = "default_female"
+    # The voice library as the token2wav model sees it: a local folder here, or (unset)
+    # the STEPAUDIO2_VOICES_* settings (S3 or a local folder).
+    voices_dir: Path | None = None
+    # Longest reference recording accepted by RegisterVoice, bytes.
+    max_voice_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+
     # API keys (tenant:key pairs, comma-separated; `tenant:sha256:<hex>` for pre-hashed).
     api_keys: SecretStr | None = None
     # A file of `tenant:key` / `tenant:sha256:<hex>` lines (# comments allowed).
@@ -62,6 +80,8 @@ class OrchestratorSettings(BaseSettings):
     def _check(self) -> "OrchestratorSettings":
         if self.max_tokens_per_segment > self.max_tokens_per_segment_limit:
             raise ValueError("max_tokens_per_segment must not exceed max_tokens_per_segment_limit")
+        if self.tts_max_tokens > self.tts_max_tokens_limit:
+            raise ValueError("tts_max_tokens must not exceed tts_max_tokens_limit")
         return self
 
     @property

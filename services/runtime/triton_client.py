@@ -1,4 +1,5 @@
-"""Typed async clients for our Triton models (``audio_encoder``, ``llm``), torch-free.
+"""Typed async clients for our Triton models (``audio_encoder``, ``llm``, ``token2wav``,
+``voice_encoder``), torch-free.
 
 The services never speak KServe tensors themselves: they call :class:`TritonClients`
 with numpy arrays and Python values, and get numpy arrays / token-id lists back. Every
@@ -20,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Mapping, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -30,14 +32,18 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from stepaudio2.runtime.errors import (
+    AudioTooLarge,
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InferenceError,
     InvalidArgument,
     InvalidAudio,
+    NotFound,
     ResourceExhausted,
     StepAudio2Error,
     Unavailable,
+    UnsupportedAudioFormat,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ T = TypeVar("T")
 
 ENCODER_MODEL = "audio_encoder"
 LLM_MODEL = "llm"
+TOKEN2WAV_MODEL = "token2wav"
+VOICE_ENCODER_MODEL = "voice_encoder"
 
 # Codes our Triton models put in front of their error messages -> the error we raise.
 # (Errors inside a decoupled stream carry a message but no gRPC status code.)
@@ -52,12 +60,14 @@ _CODE_PREFIX = re.compile(r"\b(INVALID_ARGUMENT|UNSUPPORTED_MEDIA|TOO_LARGE|RESO
                           r"DEADLINE_EXCEEDED|CANCELLED|NOT_FOUND|FAILED_PRECONDITION|INTERNAL): ")
 _PREFIX_ERRORS: dict[str, type[StepAudio2Error]] = {
     "INVALID_ARGUMENT": InvalidArgument,
-    "UNSUPPORTED_MEDIA": InvalidAudio,
-    "TOO_LARGE": InvalidAudio,
+    "UNSUPPORTED_MEDIA": UnsupportedAudioFormat,
+    "TOO_LARGE": AudioTooLarge,
     "RESOURCE_EXHAUSTED": ResourceExhausted,
     "UNAVAILABLE": Unavailable,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "CANCELLED": Cancelled,
+    "NOT_FOUND": NotFound,
+    "FAILED_PRECONDITION": FailedPrecondition,
 }
 
 
@@ -77,6 +87,8 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_ids: Sequence[int] | None = None
+    logit_bias: Mapping[int, float] | None = None
+    allowed_token_ids: Sequence[int] | None = None
 
 
 async def gather_or_cancel(aws: Sequence[Awaitable[T]]) -> list[T]:
@@ -131,8 +143,15 @@ def _channel_args(keepalive: KeepAliveOptions) -> list[tuple[str, int]]:
     ]
 
 
+def new_stream_id() -> int:
+    """A random non-zero 63-bit token2wav sequence id: unique across orchestrator replicas
+    sharing one Triton without coordination (collision odds ~n^2 / 2^64)."""
+    return secrets.randbits(63) or 1
+
+
 class TritonClients:
-    """Async clients of the ``audio_encoder`` and ``llm`` models on one Triton server.
+    """Async clients of our models (``audio_encoder``, ``llm``, ``token2wav``,
+    ``voice_encoder``) on one Triton server.
 
     ``url`` is Triton's gRPC address (``host:port``). Use from one event loop; call
     :meth:`close` when done. ``keepalive_s`` > 0 makes the channel ping the server that
@@ -142,10 +161,13 @@ class TritonClients:
     """
 
     def __init__(self, url: str, *, keepalive_s: float = 0.0, encoder_model: str = ENCODER_MODEL,
-                 llm_model: str = LLM_MODEL):
+                 llm_model: str = LLM_MODEL, token2wav_model: str = TOKEN2WAV_MODEL,
+                 voice_encoder_model: str = VOICE_ENCODER_MODEL):
         self.url = url
         self.encoder_model = encoder_model
         self.llm_model = llm_model
+        self.token2wav_model = token2wav_model
+        self.voice_encoder_model = voice_encoder_model
         keepalive = KeepAliveOptions()  # tritonclient's defaults: pings effectively off
         if keepalive_s > 0:
             keepalive = KeepAliveOptions(keepalive_time_ms=int(keepalive_s * 1000),
@@ -262,6 +284,11 @@ class TritonClients:
             inputs.append(tensor("SEED", [params.seed], "INT64", np.int64))
         if params.stop_ids is not None:
             inputs.append(tensor("STOP_IDS", list(params.stop_ids), "INT32", np.int32))
+        if params.allowed_token_ids:
+            inputs.append(tensor("ALLOWED_TOKEN_IDS", list(params.allowed_token_ids), "INT32", np.int32))
+        if params.logit_bias:
+            inputs.append(tensor("LOGIT_BIAS_IDS", list(params.logit_bias), "INT32", np.int32))
+            inputs.append(tensor("LOGIT_BIAS_VALUES", list(params.logit_bias.values()), "FP32", np.float32))
         return inputs
 
     async def generate(self, input_ids: Sequence[int], audio_embeds: Sequence[np.ndarray],
@@ -302,6 +329,78 @@ class TritonClients:
             # cancelling the call is what tells Triton to stop decoding. No-op once done.
             if stream is not None:
                 stream.cancel()
+
+    # -- token2wav ---------------------------------------------------------------------------
+
+    async def token2wav_chunk(self, stream_id: int, tokens: Sequence[int], *, start: bool = False,
+                              end: bool = False, voice: str | None = None, seed: int | None = None,
+                              cancel: bool = False, timeout: float | None = None,
+                              request_id: str = "") -> np.ndarray:
+        """One chunk of a token2wav stream -> float32 samples at 24 kHz.
+
+        ``stream_id`` is the Triton sequence id (a non-zero uint64, unique among the open
+        streams of that server: use :func:`new_stream_id`). ``start`` opens the stream with
+        ``voice`` (and the vocoder ``seed``); ``end`` marks the last chunk; ``cancel`` (sent
+        with ``end``) drops the stream. Chunks of one stream must be sent one at a time, in
+        order (spec §3.6: 28 tokens, the last 3 re-sent next time; the remainder with end).
+        """
+        def tensor(name, arr, dtype):
+            t = InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            return t
+
+        inputs = [tensor("TOKENS", np.asarray(list(tokens), dtype=np.int32).reshape(1, -1), "INT32")]
+        if voice is not None:
+            inputs.append(tensor("VOICE", np.array([[voice.encode()]], dtype=np.object_), "BYTES"))
+        if seed is not None:
+            inputs.append(tensor("SEED", np.array([[seed]], dtype=np.int64), "INT64"))
+        if cancel:
+            inputs.append(tensor("CANCEL", np.array([[True]], dtype=np.bool_), "BOOL"))
+        try:
+            result = await self._client.infer(self.token2wav_model, inputs, outputs=[InferRequestedOutput("AUDIO")],
+                                              sequence_id=stream_id, sequence_start=start,
+                                              sequence_end=end or cancel, request_id=request_id,
+                                              client_timeout=timeout)
+        except asyncio.CancelledError:
+            raise
+        except (grpc.RpcError, InferenceServerException) as exc:
+            raise self._error(exc, self.token2wav_model) from None
+        audio = result.as_numpy("AUDIO")
+        if audio is None:
+            raise self._error(RuntimeError("no AUDIO output"), self.token2wav_model)
+        return np.asarray(audio, dtype=np.float32).reshape(-1)
+
+    async def cancel_token2wav(self, stream_id: int, *, timeout: float = 5.0) -> None:
+        """Free a stream's state now (best effort: never raises; the idle timeout is the
+        backstop)."""
+        try:
+            await self.token2wav_chunk(stream_id, [], end=True, cancel=True, timeout=timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _LOGGER.debug("cancelling token2wav stream %s: %s", stream_id, exc)
+
+    # -- voice_encoder -----------------------------------------------------------------------
+
+    async def encode_voice(self, audio_file: bytes, *, timeout: float | None = None,
+                           request_id: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A reference recording (WAV/FLAC/OGG bytes) -> (prompt tokens int32 [N], prompt mel
+        float32 [2N, 80], speaker embedding float32 [192])."""
+        inp = InferInput("AUDIO", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([bytes(audio_file)], dtype=np.object_))
+        names = ("PROMPT_TOKENS", "PROMPT_MEL", "SPEAKER_EMBEDDING")
+        try:
+            result = await self._client.infer(self.voice_encoder_model, [inp],
+                                              outputs=[InferRequestedOutput(n) for n in names],
+                                              request_id=request_id, client_timeout=timeout)
+        except asyncio.CancelledError:
+            raise
+        except (grpc.RpcError, InferenceServerException) as exc:
+            raise self._error(exc, self.voice_encoder_model) from None
+        out = [result.as_numpy(n) for n in names]
+        if any(o is None for o in out):
+            raise self._error(RuntimeError("missing outputs"), self.voice_encoder_model)
+        return out[0].astype(np.int32), out[1].astype(np.float32), out[2].astype(np.float32)
 
     @staticmethod
     def _is_final(result) -> bool:

@@ -338,12 +338,19 @@ class CachedVoiceStore(VoiceStore):
     """A bounded LRU cache of :meth:`get` results in front of another store (thread-safe).
     ``put`` and ``delete`` go through and update the cache; ``list`` is not cached."""
 
-    def __init__(self, store: VoiceStore, max_items: int = 64):
+    def __init__(self, store: VoiceStore, max_items: int = 64, ttl_s: float | None = None, clock=None):
         if int(max_items) < 1:
             raise InvalidArgument(f"max_items must be at least 1, got {max_items}", field="max_items")
+        import time
+
         self.store = store
         self.max_items = int(max_items)
+        # Entries older than this are fetched again: another process (the orchestrator)
+        # may delete or replace a voice; None = keep until evicted.
+        self.ttl_s = ttl_s
+        self._clock = clock or time.monotonic
         self._cache: OrderedDict[str, Voice] = OrderedDict()
+        self._stamp: dict[str, float] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -358,14 +365,20 @@ class CachedVoiceStore(VoiceStore):
     def _remember(self, voice: Voice) -> None:
         with self._lock:
             self._cache[voice.voice_id] = voice
+            self._stamp[voice.voice_id] = self._clock()
             self._cache.move_to_end(voice.voice_id)
             while len(self._cache) > self.max_items:
-                self._cache.popitem(last=False)
+                old, _ = self._cache.popitem(last=False)
+                self._stamp.pop(old, None)
 
     def get(self, voice_id: str) -> Voice:
         check_voice_id(voice_id)
         with self._lock:
             v = self._cache.get(voice_id)
+            if v is not None and self.ttl_s is not None and self._clock() - self._stamp.get(voice_id, 0.0) > self.ttl_s:
+                del self._cache[voice_id]
+                self._stamp.pop(voice_id, None)
+                v = None
             if v is not None:
                 self._cache.move_to_end(voice_id)
                 self.hits += 1
@@ -382,6 +395,7 @@ class CachedVoiceStore(VoiceStore):
     def delete(self, voice_id: str) -> None:
         with self._lock:
             self._cache.pop(voice_id, None)
+            self._stamp.pop(voice_id, None)
         self.store.delete(voice_id)
 
     def list(self) -> list[str]:
@@ -413,6 +427,7 @@ class VoiceStoreSettings(BaseSettings):
     s3_region: str = "us-east-1"
     local_folder: Path = Path(".cache/voices")
     cache_items: int = 64                   # LRU of decoded voices; 0 disables the cache
+    cache_ttl_s: float = 30.0               # cached voices older than this are re-read (deletes elsewhere)
 
 
 def open_voice_store(settings: VoiceStoreSettings | None = None) -> VoiceStore:
@@ -426,7 +441,7 @@ def open_voice_store(settings: VoiceStoreSettings | None = None) -> VoiceStore:
         store: VoiceStore = S3VoiceStore(client, s.s3_bucket, s.s3_prefix)
     else:
         store = LocalVoiceStore(s.local_folder)
-    return CachedVoiceStore(store, s.cache_items) if s.cache_items > 0 else store
+    return CachedVoiceStore(store, s.cache_items, s.cache_ttl_s) if s.cache_items > 0 else store
 
 
 # ----------------------------------------------------------------------------- built-ins

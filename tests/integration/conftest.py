@@ -39,6 +39,7 @@ def start_triton(model_dir: Path, out_dir: Path, *, models=None, ready_timeout: 
 
     repo = build_model_repo(model_dir, Path(out_dir) / "model_repository", models=models, **repo_options)
     server = TritonServer(repo, work_dir=Path(out_dir) / "triton", exit_timeout_s=5)
+    server.voices_dir = repo_options.get("voices_dir")     # LocalStack(triton_server=...) shares it
     server.start()
     try:
         server.wait_ready(ready_timeout)
