@@ -12,12 +12,13 @@ import socket
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stepaudio2 import __version__
-from stepaudio2.gateway.protocol import ErrorResponse, ModelCard, ModelList, TranscriptionRequest
-from stepaudio2.gateway.serving import CallContext, GatewayServing
+from stepaudio2.gateway.protocol import (ErrorResponse, ModelCard, ModelList, SpeechRequest, TranscriptionRequest,
+                                         VoiceDeleted, VoiceList, VoiceObject)
+from stepaudio2.gateway.serving import SPEECH_MEDIA_TYPES, CallContext, GatewayServing
 from stepaudio2.gateway.server_utils import (
     GatewayMetrics,
     RequestContextMiddleware,
@@ -37,7 +38,7 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_guard)])
 probes = APIRouter()
 
 _TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 429, 503, 504)}
 # The multipart body is read by hand (size limit while streaming), so describe it for
 # the OpenAPI document ourselves.
 _TRANSCRIPTION_BODY = {
@@ -77,6 +78,55 @@ async def create_transcription(request: Request) -> Response:
     if isinstance(result, str):
         return PlainTextResponse(result, media_type=_TEXT_MEDIA_TYPES[req.response_format])
     return JSONResponse(result.model_dump())
+
+
+@api.post("/audio/speech", responses={**_ERRORS, 200: {"content": {t: {} for t in SPEECH_MEDIA_TYPES.values()}}})
+async def create_speech(body: SpeechRequest, request: Request) -> Response:
+    """Text to speech. wav and pcm (24 kHz, 16-bit mono) stream as token2wav makes each
+    chunk; flac and mp3 come whole at the end. Errors found before the first audio get
+    their HTTP status; a failure after that ends the body early (and is logged)."""
+    ctx = _context(request)
+    first, rest = await run_until_disconnect(request, _serving(request).create_speech(body, ctx))
+
+    async def body_iter():
+        try:
+            if first:
+                yield first
+            async for data in rest:
+                yield data
+        except Exception as exc:  # noqa: BLE001 - the status line is gone: end the body early
+            _LOGGER.warning("speech stream %s ended early: %s", ctx.request_id, exc)
+        finally:
+            await rest.aclose()
+
+    headers = {"x-request-id": ctx.request_id}
+    return StreamingResponse(body_iter(), media_type=SPEECH_MEDIA_TYPES[body.response_format], headers=headers)
+
+
+@api.post("/audio/voices", status_code=201, response_model=VoiceObject, responses=_ERRORS)
+async def create_voice(request: Request) -> VoiceObject:
+    """Register a voice: multipart with the reference recording in ``file`` (>= 1 s of
+    speech; the first 30 s are used) and optional ``voice_id``, ``name``, ``description``."""
+    state = request.app.state
+    upload = await read_upload(request, state.settings.max_upload_bytes, state.metrics)
+    f = upload.fields
+    return await run_until_disconnect(request, _serving(request).create_voice(
+        f.get("voice_id", ""), f.get("name", ""), f.get("description", ""), upload.file or b"", _context(request)))
+
+
+@api.get("/audio/voices", response_model=VoiceList, responses=_ERRORS)
+async def list_voices(request: Request) -> VoiceList:
+    return await _serving(request).list_voices(_context(request))
+
+
+@api.get("/audio/voices/{voice_id}", response_model=VoiceObject, responses=_ERRORS)
+async def get_voice(voice_id: str, request: Request) -> VoiceObject:
+    return await _serving(request).get_voice(voice_id, _context(request))
+
+
+@api.delete("/audio/voices/{voice_id}", response_model=VoiceDeleted, responses=_ERRORS)
+async def delete_voice(voice_id: str, request: Request) -> VoiceDeleted:
+    return await _serving(request).delete_voice(voice_id, _context(request))
 
 
 @api.get("/models", response_model=ModelList, responses=_ERRORS)

@@ -123,3 +123,62 @@ class ErrorResponse(BaseModel):
     ``code`` is our error code (``stepaudio2.runtime.errors.ERROR_TABLE``)."""
 
     error: ErrorInfo
+
+
+# ---- text to speech and voices ----------------------------------------------------------
+SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+SUPPORTED_SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3")
+
+
+class SpeechRequest(BaseModel):
+    """``POST /v1/audio/speech`` (OpenAI's shape), plus sampling extensions as other
+    OpenAI-compatible servers offer them (vLLM: ``seed``, ``min_tokens``,
+    ``allowed_token_ids``...). Unknown fields (``instructions``, ``stream_format``) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(default="", max_length=256)
+    input: str = Field(min_length=1)
+    voice: str = Field(default="", max_length=64)
+    # OpenAI's default is mp3 (encoded whole, sent at the end); wav and pcm stream.
+    response_format: SpeechFormat = "mp3"
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    # Extensions (unset = the server's TTS defaults, spec §2.4).
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    min_tokens: Optional[int] = Field(default=None, ge=0)
+    logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _supported(cls, v: str) -> str:
+        if v not in SUPPORTED_SPEECH_FORMATS:
+            raise ValueError(f"response_format {v!r} is not supported here; use one of "
+                             f"{', '.join(SUPPORTED_SPEECH_FORMATS)}")
+        return v
+
+
+class VoiceObject(BaseModel):
+    id: str
+    object: Literal["voice"] = "voice"
+    name: str
+    description: str = ""
+    created_at: str
+    prompt_tokens: int
+    builtin: bool = False
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VoiceObject]
+
+
+class VoiceDeleted(BaseModel):
+    id: str
+    object: Literal["voice"] = "voice"
+    deleted: bool = True

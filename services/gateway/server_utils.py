@@ -121,7 +121,7 @@ async def _stepaudio2_error_handler(request: Request, exc: StepAudio2Error) -> J
 async def _validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = ".".join(str(p) for p in err.get("loc", ())[1:]) or None
-    return error_response("INVALID_ARGUMENT", str(err.get("msg")), param=param)
+    return error_response("INVALID_ARGUMENT", str(err.get("msg")).removeprefix("Value error, "), param=param)
 
 
 _CODE_BY_HTTP = {404: "NOT_FOUND", 401: "UNAUTHENTICATED", 413: "TOO_LARGE", 415: "UNSUPPORTED_MEDIA"}

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Union
+from typing import AsyncIterator, Union
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepaudio2.gateway.protocol import (
+    SpeechRequest,
+    VoiceDeleted,
+    VoiceList,
+    VoiceObject,
     ModelCard,
     ModelList,
     TranscriptionRequest,
@@ -26,7 +30,7 @@ from stepaudio2.gateway.protocol import (
     TranscriptionUsage,
 )
 from stepaudio2.gateway.settings import GatewaySettings
-from stepaudio2.runtime.errors import ERROR_TABLE, InvalidAudio, NotFound, StepAudio2Error
+from stepaudio2.runtime.errors import ERROR_TABLE, InvalidArgument, InvalidAudio, NotFound, StepAudio2Error
 from stepaudio2.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -242,6 +246,59 @@ class GatewayServing:
                 return card
         raise NotFound(f"the model {model_id!r} is not served here", field="model")
 
+    # -- text to speech and voices ---------------------------------------------------------
+
+    async def _speech_stream(self, req: SpeechRequest, ctx: CallContext) -> AsyncIterator[bytes]:
+        call = self._assistant.Synthesize(speech_message(req), metadata=ctx.metadata(),
+                                          timeout=self.settings.request_timeout_s)
+        try:
+            async for event in call:
+                if event.audio.data:
+                    yield event.audio.data
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc, self.address)
+            _LOGGER.info("orchestrator call failed: request_id=%s code=%s %s", ctx.request_id, err.code, err)
+            raise err from None
+        finally:
+            call.cancel()        # no-op once finished; stops the synthesis when the client left
+
+
+    async def create_speech(self, req: SpeechRequest, ctx: CallContext) -> tuple[bytes, AsyncIterator[bytes]]:
+        """(first bytes, the rest): the first audio is awaited before the HTTP response starts,
+        so request errors (unknown voice 404, bad text 400...) still get their status code."""
+        stream = self._speech_stream(req, ctx)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        return first, stream
+
+
+    async def create_voice(self, voice_id: str, name: str, description: str, audio: bytes,
+                           ctx: CallContext) -> VoiceObject:
+        if not audio:
+            raise InvalidAudio("the uploaded reference recording is empty (0 bytes)", field="file")
+        resp = await self._call(self._assistant.RegisterVoice, assistant_pb2.RegisterVoiceRequest(
+            voice_id=voice_id, name=name, description=description, audio=common_pb2.AudioChunk(data=audio)),
+            ctx, self.settings.request_timeout_s)
+        return voice_object(resp)
+
+
+    async def list_voices(self, ctx: CallContext) -> VoiceList:
+        resp = await self._call(self._assistant.ListVoices, assistant_pb2.ListVoicesRequest(), ctx, _METADATA_TIMEOUT_S)
+        return VoiceList(data=[voice_object(v) for v in resp.voices])
+
+
+    async def get_voice(self, voice_id: str, ctx: CallContext) -> VoiceObject:
+        return voice_object(await self._call(self._assistant.GetVoice, assistant_pb2.GetVoiceRequest(voice_id=voice_id),
+                                             ctx, _METADATA_TIMEOUT_S))
+
+
+    async def delete_voice(self, voice_id: str, ctx: CallContext) -> VoiceDeleted:
+        await self._call(self._assistant.DeleteVoice, assistant_pb2.DeleteVoiceRequest(voice_id=voice_id), ctx,
+                         _METADATA_TIMEOUT_S)
+        return VoiceDeleted(id=voice_id)
+
     async def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready when the orchestrator's gRPC health is SERVING, which it
         reports only once Triton and its models are ready."""
@@ -252,3 +309,36 @@ class GatewayServing:
             return False, f"orchestrator at {self.address}: {exc.code().name} ({exc.details() or 'no detail'})"
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         return resp.status == health_pb2.HealthCheckResponse.SERVING, f"orchestrator at {self.address}: {status}"
+
+
+# ---- text to speech and voices -------------------------------------------------------------
+
+SPEECH_ENCODINGS = {"wav": common_pb2.AUDIO_ENCODING_WAV, "pcm": common_pb2.AUDIO_ENCODING_PCM16,
+                    "flac": common_pb2.AUDIO_ENCODING_FLAC, "mp3": common_pb2.AUDIO_ENCODING_MP3}
+SPEECH_MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg"}
+
+
+def speech_message(req: SpeechRequest) -> assistant_pb2.SynthesizeRequest:
+    """``POST /v1/audio/speech`` -> ``SynthesizeRequest``."""
+    sampling = common_pb2.SamplingOptions()
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    sampling.max_tokens = req.max_tokens or 0
+    sampling.min_tokens = req.min_tokens or 0
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidArgument(f"logit_bias keys are token ids, got {key!r}", field="logit_bias") from None
+        sampling.logit_bias[token] = bias
+    sampling.allowed_token_ids.extend(req.allowed_token_ids or [])
+    return assistant_pb2.SynthesizeRequest(text=req.input, voice=req.voice, model=req.model,
+                                           encoding=SPEECH_ENCODINGS[req.response_format], speed=req.speed,
+                                           sampling=sampling)
+
+
+def voice_object(v: assistant_pb2.VoiceInfo) -> VoiceObject:
+    return VoiceObject(id=v.voice_id, name=v.name, description=v.description, created_at=v.created,
+                       prompt_tokens=v.prompt_tokens, builtin=v.builtin)

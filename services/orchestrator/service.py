@@ -450,8 +450,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         if vid in BUILTIN_VOICES or await asyncio.to_thread(self.voices.exists, vid):
             raise AlreadyExists(f"voice {vid!r} already exists: delete it first or pick another id", field="voice_id")
         deadline = _Deadline(context, s.default_timeout_s)
-        tokens, mel, spk = await self.triton.encode_voice(data, timeout=deadline.remaining(),
-                                                          request_id=request_id_of(context))
+        try:
+            tokens, mel, spk = await self.triton.encode_voice(data, timeout=deadline.remaining(),
+                                                              request_id=request_id_of(context))
+        except InvalidArgument as err:       # the clip itself is bad: name the field
+            err.field = err.field or "audio.data"
+            raise
         voice = Voice(voice_id=vid, name=request.name or vid, description=request.description,
                       prompt_tokens=tokens, prompt_mel=mel, speaker_embedding=spk)
         await asyncio.to_thread(self.voices.put, voice, bytes(data))

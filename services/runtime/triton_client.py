@@ -54,6 +54,8 @@ LLM_MODEL = "llm"
 TOKEN2WAV_MODEL = "token2wav"
 VOICE_ENCODER_MODEL = "voice_encoder"
 
+# triton_params.error_message's suffix: useful in Triton's log, noise for our callers.
+_REQUEST_ID_SUFFIX = re.compile(r"\s*\[request id: [^\]]*\]\s*$")
 # Codes our Triton models put in front of their error messages -> the error we raise.
 # (Errors inside a decoupled stream carry a message but no gRPC status code.)
 _CODE_PREFIX = re.compile(r"\b(INVALID_ARGUMENT|UNSUPPORTED_MEDIA|TOO_LARGE|RESOURCE_EXHAUSTED|UNAVAILABLE|"
@@ -191,7 +193,7 @@ class TritonClients:
         msg = _message(exc)
         m = _CODE_PREFIX.search(msg)
         if m and m.group(1) in _PREFIX_ERRORS:
-            reason = msg[m.end():].strip() or msg
+            reason = _REQUEST_ID_SUFFIX.sub("", msg[m.end():]).strip() or msg
             return _PREFIX_ERRORS[m.group(1)](f"model {model!r}: {reason}")
         if code == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(f"inference server unavailable at {self.url} ({msg or 'no answer'})")
