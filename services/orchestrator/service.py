@@ -188,7 +188,7 @@ def open_orchestrator_voices(settings: OrchestratorSettings) -> VoiceStore:
 
 
 def sampling_params(opts: common_pb2.SamplingOptions, *, default_max: int, limit: int, stop_ids: list[int],
-                    defaults: dict) -> GenerationParams:
+                    defaults: dict, vocab_size: int | None = None) -> GenerationParams:
     """A request's SamplingOptions -> GenerationParams, unset fields from ``defaults``.
     Range checks here name the field; the rest (ids within the vocabulary...) the model checks."""
     def pick(name):
@@ -209,6 +209,12 @@ def sampling_params(opts: common_pb2.SamplingOptions, *, default_max: int, limit
     rep = float(pick("repetition_penalty") if pick("repetition_penalty") is not None else 1.0)
     if not (math.isfinite(rep) and rep > 0):
         raise InvalidArgument(f"must be > 0, got {rep!r}", field="sampling.repetition_penalty")
+    if vocab_size is not None:
+        for name, ids in (("allowed_token_ids", opts.allowed_token_ids), ("logit_bias", opts.logit_bias.keys())):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                                      field=f"sampling.{name}")
     for k, v in opts.logit_bias.items():
         if not math.isfinite(v) or abs(v) > 100:
             raise InvalidArgument(f"bias of token {k} must be in [-100, 100], got {v!r}", field="sampling.logit_bias")
@@ -490,7 +496,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         speed = check_speed(request.speed)
         sp = self.tokenizer.special
         params = sampling_params(request.sampling, default_max=s.tts_max_tokens, limit=s.tts_max_tokens_limit,
-                                 stop_ids=[sp.eot, sp.tts_end], defaults=TTS_SAMPLING_DEFAULTS)
+                                 stop_ids=[sp.eot, sp.tts_end], defaults=TTS_SAMPLING_DEFAULTS,
+                                 vocab_size=self.tokenizer.vocab_size)
         if not await asyncio.to_thread(self.voices.exists, voice):
             raise NotFound(f"voice {voice!r} does not exist (see ListVoices)", field="voice")
         prompt = tts_prompt(self.tokenizer, text, s.tts_prompt_style)
