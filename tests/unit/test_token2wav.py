@@ -287,7 +287,12 @@ def test_push_batch_matches_single_streams(t2w):
             bufs[i] = bufs[i][25:] if len(bufs[i]) >= 28 else []
     for got, want in zip(batched, single):
         assert [g.shape for g in got] == [w.shape for w in want]
-        assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-4
+        # Batching pads chunks and caches of different lengths: float rounding, which the
+        # vocoder's phase accumulation (cumsum of F0) amplifies in places. Bounds: the
+        # PUBLIC_API streaming tolerance for the worst sample, and a mean 100x tighter
+        # (seen: max 1e-3, mean 2e-5 on one CPU; max < 1e-4 on another).
+        assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-2
+        assert max((g - w).abs().mean().item() for g, w in zip(got, want)) < 1e-4
     with pytest.raises(InvalidArgument, match="once"):
         s = t2w.stream(*voices[0])
         t2w.push_batch([s, s], [speech(1, 28)] * 2)

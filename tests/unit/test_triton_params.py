@@ -300,10 +300,15 @@ def test_build_model_repo_fills_every_placeholder(tmp_path):
     ckpt = _ckpt(tmp_path, 64, 64)
     out = build_model_repo(ckpt, tmp_path / "repo", device="gpu", max_batch=4, instances=2,
                            llm_max_queue=3, queue_delay_us=500)
-    assert sorted(p.name for p in out.iterdir()) == available_models() == ["audio_encoder", "llm"]
+    assert sorted(p.name for p in out.iterdir()) == available_models() == ["audio_encoder", "llm", "token2wav",
+                                                                            "voice_encoder"]
     enc = (out / "audio_encoder" / "config.pbtxt").read_text()
     llm = (out / "llm" / "config.pbtxt").read_text()
-    assert "${" not in enc + llm
+    t2w = (out / "token2wav" / "config.pbtxt").read_text()
+    venc = (out / "voice_encoder" / "config.pbtxt").read_text()
+    assert "${" not in enc + llm + t2w + venc
+    assert "kind: KIND_GPU" in t2w and "sequence_batching" in t2w and "oldest" in t2w
+    assert "kind: KIND_CPU" in venc          # ONNX Runtime on CPU whatever the device
     assert "max_batch_size: 4" in enc and "max_queue_delay_microseconds: 500" in enc
     assert "count: 2" in enc and "kind: KIND_GPU" in enc and "dims: [ -1, 64 ]" in enc
     assert "max_batch_size: 0" in llm and "decoupled: true" in llm and "count: 1" in llm
