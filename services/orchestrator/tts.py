@@ -117,12 +117,12 @@ class AudioEncoder:
         import soundfile as sf
 
         x = np.concatenate(self._held) if self._held else np.zeros(0, dtype=np.float32)
+        if x.size == 0:
+            x = np.zeros(1, dtype=np.float32)     # no speech: one silent sample, still a valid file
         buf = io.BytesIO()
         if self.fmt == "flac":
             sf.write(buf, x, self.rate, format="FLAC", subtype="PCM_16")
         else:
-            if x.size == 0:
-                x = np.zeros(1, dtype=np.float32)     # an MP3 stream needs at least one frame
             sf.write(buf, x, self.rate, format="MP3", subtype="MPEG_LAYER_III")
         return buf.getvalue()
 

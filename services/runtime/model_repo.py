@@ -142,6 +142,28 @@ def fill_template(text: str, values: Mapping[str, str], *, source: str = "templa
     return out
 
 
+# What a checkpoint needs for each optional model (token2wav_checkpoint_format.md).
+T2W_FILES = ("flow.yaml", "flow.pt", "hift.pt")
+VOICE_FILES = ("campplus.onnx", "speech_tokenizer_v2_25hz.onnx")
+
+
+def _t2w_folder(model_dir: Path) -> Path:
+    return model_dir / "token2wav" if (model_dir / "token2wav").is_dir() else model_dir
+
+
+def checkpoint_models(model_dir: str | Path) -> dict[str, str | None]:
+    """model -> None when ``model_dir`` can serve it, else why not. ``audio_encoder`` and
+    ``llm`` need the LLM checkpoint; ``token2wav`` the ``token2wav/`` flow + vocoder files;
+    ``voice_encoder`` its two ONNX models (an ASR-only checkpoint has neither)."""
+    folder = _t2w_folder(Path(model_dir))
+
+    def missing(names):
+        gone = [n for n in names if not (folder / n).is_file()]
+        return None if not gone else f"{model_dir} has no token2wav/{', token2wav/'.join(gone)}"
+
+    return {"audio_encoder": None, "llm": None, "token2wav": missing(T2W_FILES), "voice_encoder": missing(VOICE_FILES)}
+
+
 def available_models(template_dir: Path = TEMPLATE_DIR) -> list[str]:
     return sorted(p.parent.name for p in Path(template_dir).glob(f"*/{TEMPLATE_NAME}"))
 
@@ -153,8 +175,9 @@ def build_model_repo(model_dir: str | Path, out_dir: str | Path, device: str = "
 
     ``options`` are :class:`RepoOptions` fields (``queue_delay_us``, ``llm_max_batch``,
     ``llm_max_queue``, ``prefill_budget``, ``kv_capacity``, ``max_len``, ``dtype``,
-    ``num_threads``); an unknown one is an error. ``models`` picks a subset of the
-    template models (default: all). Models already in ``out_dir`` are replaced.
+    ``num_threads``, the ``t2w_*`` and voice options); an unknown one is an error.
+    ``models`` picks a subset of the template models (default: every model the checkpoint
+    can serve, see :func:`checkpoint_models`). Models already in ``out_dir`` are replaced.
     """
     unknown = sorted(set(options) - set(RepoOptions.__dataclass_fields__))
     if unknown:
@@ -165,10 +188,17 @@ def build_model_repo(model_dir: str | Path, out_dir: str | Path, device: str = "
     names = available_models(template_dir)
     if not names:
         raise InvalidArgument(f"no */{TEMPLATE_NAME} under {template_dir}", field="template_dir")
-    chosen = list(models) if models is not None else names
+    servable = checkpoint_models(model_dir)
+    if models is None:      # every model this checkpoint can serve
+        chosen = [n for n in names if servable.get(n) is None]
+    else:
+        chosen = list(models)
     bad = sorted(set(chosen) - set(names))
     if bad:
         raise InvalidArgument(f"unknown models {bad}; available: {names}", field="models")
+    for name in chosen:
+        if servable.get(name):
+            raise CheckpointError(f"cannot serve {name!r}: {servable[name]}")
     # Fill everything first, so a bad template leaves out_dir untouched.
     configs = {name: fill_template((template_dir / name / TEMPLATE_NAME).read_text(), values,
                                    source=f"{name}/{TEMPLATE_NAME}") for name in chosen}

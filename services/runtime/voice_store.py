@@ -403,7 +403,8 @@ class CachedVoiceStore(VoiceStore):
 
     def exists(self, voice_id: str) -> bool:
         with self._lock:
-            if voice_id in self._cache:
+            fresh = self.ttl_s is None or self._clock() - self._stamp.get(voice_id, float("-inf")) <= self.ttl_s
+            if voice_id in self._cache and fresh:
                 return True
         return self.store.exists(voice_id)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepaudio2.runtime.errors import InvalidArgument, InvalidAudio, ResourceExhausted, StepAudio2Error
+from stepaudio2.runtime.errors import CheckpointError, InvalidArgument, InvalidAudio, ResourceExhausted, StepAudio2Error
 from stepaudio2.runtime.model_repo import (RepoOptions, available_models, build_model_repo, checkpoint_llm_dim,
                                           fill_template, pbtxt_string)
 from stepaudio2.runtime.triton_params import (EngineMetrics, ModelConfigError, RequestCancelled, encode_audio_inputs,
@@ -298,6 +298,13 @@ def test_checkpoint_llm_dim(tmp_path):
 
 def test_build_model_repo_fills_every_placeholder(tmp_path):
     ckpt = _ckpt(tmp_path, 64, 64)
+    # An ASR-only checkpoint serves the two LLM models; asking for token2wav names what is missing.
+    assert sorted(p.name for p in build_model_repo(ckpt, tmp_path / "asr").iterdir()) == ["audio_encoder", "llm"]
+    with pytest.raises(CheckpointError, match="token2wav/flow.yaml"):
+        build_model_repo(ckpt, tmp_path / "asr", models=["token2wav"])
+    (ckpt / "token2wav").mkdir()
+    for name in ("flow.yaml", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2_25hz.onnx"):
+        (ckpt / "token2wav" / name).write_bytes(b"")     # only their presence is checked here
     out = build_model_repo(ckpt, tmp_path / "repo", device="gpu", max_batch=4, instances=2,
                            llm_max_queue=3, queue_delay_us=500)
     assert sorted(p.name for p in out.iterdir()) == available_models() == ["audio_encoder", "llm", "token2wav",

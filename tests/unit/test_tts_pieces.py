@@ -169,10 +169,6 @@ def test_flac_encoder_whole_file(n):
     np.testing.assert_allclose(y, x, atol=1.0 / 32767 + 1e-6)       # lossless at 16 bits
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tts.py AudioEncoder.finish: with no audio (Synthesize's 'the model said nothing speakable' path) "
-    "sf.write of 0 samples returns b'' for FLAC, not a FLAC file; the MP3 branch pads to one sample, "
-    "the FLAC one does not, so a flac client gets an empty, undecodable body"))
 def test_flac_encoder_with_no_audio_writes_a_valid_file():
     data = AudioEncoder("flac").finish()
     assert data[:4] == b"fLaC"

@@ -127,9 +127,6 @@ def test_exists_within_the_ttl(setup):
     assert cache.exists("fay")                             # consistent with get() within the ttl
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "voice_store.py CachedVoiceStore.exists ignores ttl_s: a voice deleted by another process stays "
-    "'existing' for as long as it is cached, although get() already says NotFound"))
 def test_exists_after_the_ttl_sees_a_deletion(setup):
     cache, base, clock = setup
     cache.put(voice("gus"), WAV)

@@ -61,8 +61,13 @@ class TritonPythonModel:
         self.voices = open_voice_store(VoiceStoreSettings(**overrides))
         if get_param(params, "builtin_voices", bool, True):
             from stepaudio2.model.token2wav.features import VoiceEncoder
+            from stepaudio2.runtime.errors import CheckpointError
 
-            added = ensure_builtin_voices(self.voices, VoiceEncoder.from_pretrained(model_dir))
+            try:
+                added = ensure_builtin_voices(self.voices, VoiceEncoder.from_pretrained(model_dir))
+            except CheckpointError as e:       # no ONNX models: only voices registered elsewhere
+                pb_utils.Logger.log_warn(f"token2wav: built-in voices not registered: {e}")
+                added = []
             if added:
                 pb_utils.Logger.log_info(f"token2wav: registered built-in voices {added}")
         seq = config.get("sequence_batching") or {}

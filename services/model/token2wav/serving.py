@@ -136,6 +136,10 @@ class Token2WavService:
                     results[i] = EMPTY                  # opened; tokens follow
                     continue
                 tok = stream._check_push(tokens, bool(r.end))
+                if tok.shape[1] == 0:                   # an empty last chunk: the held-back tail
+                    results[i] = stream._flush().numpy().astype(np.float32, copy=False)
+                    self.table.pop(key, "finished")
+                    continue
                 work.append((i, key, stream, tok, bool(r.end)))
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 results[i] = e
@@ -145,15 +149,19 @@ class Token2WavService:
         return results
 
     def _run(self, work, results) -> None:
+        before = [w[2].cache for w in work]       # a stream whose cache changed has advanced
         try:
             outs = self.t2w.push_batch([w[2] for w in work], [w[3] for w in work], [w[4] for w in work])
-        except Exception as e:  # noqa: BLE001 - isolate: run each stream alone
+        except Exception as e:  # noqa: BLE001 - isolate: run each untouched stream alone
             if len(work) == 1:
                 outs = [e]
             else:
                 _LOGGER.warning("batched token2wav step failed (%r); running %d streams one by one", e, len(work))
                 outs = []
-                for _, _, stream, tok, last in work:
+                for (_, key, stream, tok, last), cache in zip(work, before):
+                    if stream.cache is not cache:     # advanced, then its output was lost: cannot redo
+                        outs.append(e)
+                        continue
                     try:
                         outs.append(self.t2w.push_batch([stream], [tok], [last])[0])
                     except Exception as e1:  # noqa: BLE001
