@@ -149,7 +149,9 @@ class Token2WavService:
         return results
 
     def _run(self, work, results) -> None:
-        before = [w[2].cache for w in work]       # a stream whose cache changed has advanced
+        # A stream whose cache object or length changed has advanced (the flow step moves
+        # every batched cache forward before the per-stream vocoder runs).
+        before = [(w[2].cache, w[2].cache.offset) for w in work]
         try:
             outs = self.t2w.push_batch([w[2] for w in work], [w[3] for w in work], [w[4] for w in work])
         except Exception as e:  # noqa: BLE001 - isolate: run each untouched stream alone
@@ -158,8 +160,8 @@ class Token2WavService:
             else:
                 _LOGGER.warning("batched token2wav step failed (%r); running %d streams one by one", e, len(work))
                 outs = []
-                for (_, key, stream, tok, last), cache in zip(work, before):
-                    if stream.cache is not cache:     # advanced, then its output was lost: cannot redo
+                for (_, key, stream, tok, last), (cache, offset) in zip(work, before):
+                    if stream.cache is not cache or cache.offset != offset:   # advanced, output lost: no redo
                         outs.append(e)
                         continue
                     try:
