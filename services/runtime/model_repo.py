@@ -50,6 +50,7 @@ class RepoOptions:
     t2w_noise_seed: int | None = None # token2wav: redraw the flow's fixed noise buffer from this seed (None: the default)
     voices_dir: str | None = None     # voice library folder (None: STEPAUDIO2_VOICES_* settings, S3 or local)
     voice_cache_items: int = 64       # token2wav: decoded voices kept in memory (LRU)
+    t2w_prompt_cache_items: int = 4   # token2wav: voices whose prompt-filled flow cache is kept (real size ~0.4 GB each)
     builtin_voices: bool = True       # token2wav: register default_female/default_male when the library lacks them
 
     def validate(self) -> "RepoOptions":
@@ -59,6 +60,8 @@ class RepoOptions:
             raise InvalidArgument(f"must be one of {list(DTYPES)}, got {self.dtype!r}", field="dtype")
         if not self.t2w_idle_timeout_s > 0:
             raise InvalidArgument(f"must be > 0, got {self.t2w_idle_timeout_s!r}", field="t2w_idle_timeout_s")
+        if self.t2w_prompt_cache_items < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.t2w_prompt_cache_items!r}", field="t2w_prompt_cache_items")
         if self.voice_cache_items < 0:
             raise InvalidArgument(f"must be >= 0, got {self.voice_cache_items!r}", field="voice_cache_items")
         for name in ("instances", "max_batch", "llm_max_queue", "prefill_budget", "kv_capacity", "t2w_max_batch",
@@ -120,6 +123,7 @@ def template_values(model_dir: Path, opts: RepoOptions) -> dict[str, str]:
         "t2w_noise_seed": opt(opts.t2w_noise_seed),
         "voices_dir": pbtxt_string(str(Path(opts.voices_dir).resolve())) if opts.voices_dir else "",
         "voice_cache_items": str(opts.voice_cache_items),
+        "t2w_prompt_cache_items": str(opts.t2w_prompt_cache_items),
         "builtin_voices": "true" if opts.builtin_voices else "false",
     }
 

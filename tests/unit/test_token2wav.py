@@ -380,3 +380,31 @@ def test_package_import_is_lazy():
     code = "import sys, stepaudio2.model.token2wav as t; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_streams_from_one_prefill_equal_fresh_streams_and_stay_independent(t2w):
+    v = voice(51)
+    a_tokens, b_tokens = speech(52, 25 * 2 + 9), speech(53, 25 + 4)
+    want_a = run_stream(t2w.stream(*v, deterministic=True), a_tokens)
+    want_b = run_stream(t2w.stream(*v, deterministic=True), b_tokens)
+    prefill = t2w.prefill(*v)
+    k_before = prefill.cache._k.clone()
+    sa = t2w.stream_from(prefill, deterministic=True)
+    sb = t2w.stream_from(prefill, deterministic=True)
+    got_a, got_b, ba, bb = [], [], list(a_tokens), list(b_tokens)
+    while ba or bb:                      # interleaved: each stream must own its caches
+        for buf, s, got in ((ba, sa, got_a), (bb, sb, got_b)):
+            if not buf:
+                continue
+            if len(buf) >= 28:
+                got.append(s.push(buf[:28]))
+                del buf[:25]
+            else:
+                got.append(s.push(buf, last=True))
+                buf.clear()
+    assert len(got_a) == len(want_a) and all(x.equal(y) for x, y in zip(got_a, want_a))
+    assert len(got_b) == len(want_b) and all(x.equal(y) for x, y in zip(got_b, want_b))
+    assert prefill.cache._k.equal(k_before), "streams must not write into the shared prefill"
+    other = type(t2w)(t2w.flow, t2w.hift)
+    with pytest.raises(InvalidArgument, match="another"):
+        other.stream_from(prefill)

@@ -74,7 +74,9 @@ class TritonPythonModel:
         idle_s = int(seq.get("max_sequence_idle_microseconds") or 60_000_000) / 1e6
         max_streams = int((seq.get("oldest") or {}).get("max_candidate_sequences") or 64)
         # Triton releases a sequence slot after idle_s; the model frees its state at the same age.
-        self.service = Token2WavService(self.t2w, self.voices, max_streams=max_streams, idle_timeout_s=idle_s)
+        self.service = Token2WavService(self.t2w, self.voices, max_streams=max_streams, idle_timeout_s=idle_s,
+                                        prompt_cache_items=get_param(params, "prompt_cache_items", int, 4,
+                                                                     minimum=0))
         self.sweeper = Sweeper(self.service.table, min(1.0, idle_s / 4)).start()
         self.metrics = Token2WavMetrics(pb_utils, self.service.stats,
                                         {"model": args["model_name"], "version": args["model_version"]},

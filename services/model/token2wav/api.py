@@ -166,6 +166,14 @@ class Token2Wav:
         """A new stream with its caches pre-filled from the prompt. ``noise`` is the long
         buffer ``[80, N]`` every chunk reads at its current cache offset (default
         :attr:`noise`). ``deterministic``/``generator`` control the vocoder's draws."""
+        return self.stream_from(self.prefill(prompt_tokens, prompt_mel, speaker_embedding, noise),
+                                deterministic=deterministic, generator=generator, copy=False)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_tokens: TokensLike, prompt_mel, speaker_embedding, noise=None) -> StreamPrefill:
+        """The prompt's pass through the flow (the costly part of :meth:`stream`), for
+        :meth:`stream_from`. It depends only on the voice and the noise buffer, so a server
+        computes it once per voice and starts every stream of that voice from a copy."""
         pt, mel, spk = self._prompt(prompt_tokens, prompt_mel, speaker_embedding)
         la = self.flow.pre_lookahead_len
         if pt.shape[1] < la:
@@ -184,7 +192,16 @@ class Token2Wav:
             raise InvalidArgument(f"the noise buffer has {n_buf} frames; the prompt alone needs {mel.shape[1]}",
                                   field="noise")
         cache = self.flow.setup_cache(torch.cat([pt, pt[:, :la]], dim=1), mel, spk, buf)
-        return Token2WavStream(self, spk, buf, cache, deterministic, generator)
+        return StreamPrefill(self, spk, buf, cache)
+
+    def stream_from(self, prefill: StreamPrefill, *, deterministic: bool = False,
+                    generator: torch.Generator | None = None, copy: bool = True) -> Token2WavStream:
+        """A new stream starting from ``prefill`` (copied unless ``copy=False``: then the
+        prefill must not be used again). Equal to :meth:`stream` with the same prompt."""
+        if prefill.t2w is not self:
+            raise InvalidArgument("the prefill belongs to another Token2Wav")
+        cache = prefill.cache.clone() if copy else prefill.cache
+        return Token2WavStream(self, prefill.spk, prefill.noise, cache, deterministic, generator)
 
     @torch.inference_mode()
     def push_batch(self, streams: Sequence[Token2WavStream], chunks: Sequence[TokensLike],
@@ -219,6 +236,18 @@ class Token2Wav:
                 s._cache = cache
                 outputs[i] = s._vocode(mel, last)
         return outputs  # type: ignore[return-value]
+
+
+class StreamPrefill:
+    """A prompt-filled flow cache (:meth:`Token2Wav.prefill`); read-only once made."""
+
+    def __init__(self, t2w: Token2Wav, spk: torch.Tensor, noise: torch.Tensor | None, cache: FlowCache):
+        self.t2w, self.spk, self.noise, self.cache = t2w, spk, noise, cache
+
+    @property
+    def nbytes(self) -> int:
+        c = self.cache
+        return (c._k.numel() + c._v.numel()) * c._k.element_size()
 
 
 class Token2WavStream:

@@ -94,6 +94,13 @@ class FlowCache:
         kv = cls._alloc((steps, depth, 2, heads, 0, head_dim), capacity, dtype, device)
         return cls(encoder, None, dit_cnn, prompt_frames, _kv=kv)
 
+    def clone(self) -> FlowCache:
+        """An independent copy: a stream started from a shared prompt prefill owns its K/V
+        buffers (written in place); the encoder and conv caches are never written in place
+        (each chunk makes new tensors), so they are shared."""
+        return FlowCache(self.encoder, None, self.dit_cnn, self.prompt_frames,
+                         _kv=(self._k.clone(), self._v.clone(), self._start))
+
     @property
     def capacity(self) -> int:
         return self._k.shape[4]

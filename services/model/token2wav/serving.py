@@ -29,7 +29,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
-from stepaudio2.model.token2wav.api import Token2Wav, Token2WavStream
+from stepaudio2.model.token2wav.api import StreamPrefill, Token2Wav, Token2WavStream
 from stepaudio2.runtime.errors import FailedPrecondition, InvalidArgument, StepAudio2Error
 from stepaudio2.runtime.triton_params import ChunkRequest  # noqa: F401 - re-exported: the request type of execute()
 from stepaudio2.runtime.state_table import StateTable, TableStats
@@ -50,9 +50,8 @@ class Token2WavService:
         self.voices = voices
         self.table: StateTable[Token2WavStream] = StateTable(max_streams, idle_timeout_s,
                                                              clock=clock or time.monotonic, on_drop=self._log_drop)
-        # Prompt tensors per voice (CPU numpy -> device tensors once), bounded LRU.
-        self._prompt_cache: OrderedDict[str, tuple[Voice, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = \
-            OrderedDict()
+        # Prompt-filled flow caches per voice (see _prefill), bounded LRU.
+        self._prompt_cache: OrderedDict[str, tuple[Voice, StreamPrefill]] = OrderedDict()
         self._prompt_cache_items = max(0, int(prompt_cache_items))
         self._lock = threading.Lock()
 
@@ -76,33 +75,38 @@ class Token2WavService:
             _LOGGER.info("token2wav stream %s expired after the idle timeout (%d chunks done)", key, stream.chunks)
 
     # ------------------------------------------------------------------ voices
-    def _prompt(self, voice_id: str):
-        """The voice's (prompt tokens, prompt mel, speaker embedding) as device tensors."""
+    def _prefill(self, voice_id: str) -> tuple[StreamPrefill, bool]:
+        """The voice's prompt-filled flow cache, and whether it may be shared (cached).
+
+        The prompt pass depends only on the voice (and the fixed noise buffer), so it runs
+        once per voice; each stream starts from a copy. Bounded LRU of
+        ``prompt_cache_items`` voices (real size: ~0.4 GB each with a 3 s prompt in fp32)."""
         voice = self.voices.get(voice_id)           # NotFound for an unknown voice
         with self._lock:
             hit = self._prompt_cache.get(voice_id)
             if hit is not None and hit[0] is voice:   # same decoded voice object: still current
                 self._prompt_cache.move_to_end(voice_id)
-                return hit[1]
+                return hit[1], True
         dev = self.t2w.device
-        tensors = (torch.from_numpy(voice.prompt_tokens.astype(np.int64)).to(dev),
-                   torch.from_numpy(voice.prompt_mel).to(dev),
-                   torch.from_numpy(voice.speaker_embedding).to(dev))
-        if self._prompt_cache_items:
-            with self._lock:
-                self._prompt_cache[voice_id] = (voice, tensors)
-                self._prompt_cache.move_to_end(voice_id)
-                while len(self._prompt_cache) > self._prompt_cache_items:
-                    self._prompt_cache.popitem(last=False)
-        return tensors
+        prefill = self.t2w.prefill(torch.from_numpy(voice.prompt_tokens.astype(np.int64)).to(dev),
+                                   torch.from_numpy(voice.prompt_mel).to(dev),
+                                   torch.from_numpy(voice.speaker_embedding).to(dev))
+        if not self._prompt_cache_items:
+            return prefill, False
+        with self._lock:
+            self._prompt_cache[voice_id] = (voice, prefill)
+            self._prompt_cache.move_to_end(voice_id)
+            while len(self._prompt_cache) > self._prompt_cache_items:
+                self._prompt_cache.popitem(last=False)
+        return prefill, True
 
     def _open(self, r: ChunkRequest) -> Token2WavStream:
         if not r.voice:
             raise InvalidArgument("the first chunk of a stream must name its voice", field="voice")
-        pt, mel, spk = self._prompt(check_voice_id(r.voice))
+        prefill, shared = self._prefill(check_voice_id(r.voice))
         seed = secrets.randbits(63) if r.seed is None else int(r.seed)
         gen = torch.Generator(device=self.t2w.device).manual_seed(seed)
-        return self.t2w.stream(pt, mel, spk, generator=gen)
+        return self.t2w.stream_from(prefill, generator=gen, copy=shared)
 
     # ----------------------------------------------------------------- execute
     def execute(self, requests: Sequence[ChunkRequest]) -> list[np.ndarray | StepAudio2Error | Exception]:
