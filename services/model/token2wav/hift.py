@@ -20,6 +20,8 @@ from the global RNG unless a ``generator`` is given) are replaced by zeros when
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -93,9 +95,15 @@ class SourceModule(nn.Module):
         self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
 
     def forward(self, f0_up: torch.Tensor, deterministic: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """f0 upsampled to samples ``[B, L, 1]`` -> excitation ``[B, L, 1]``."""
+                generator: torch.Generator | Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+        """f0 upsampled to samples ``[B, L, 1]`` -> excitation ``[B, L, 1]``.
+
+        ``generator`` may be a list with one generator per row (batched streams): each row
+        then draws exactly what it would draw alone, in the same order."""
         cfg = self.cfg
+        rows = generator if isinstance(generator, (list, tuple)) else None
+        if rows is not None and len(rows) != f0_up.shape[0]:
+            raise ValueError(f"{len(rows)} generators for a batch of {f0_up.shape[0]}")
         scale = cfg.upsample_scale
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, dtype=torch.float32, device=f0_up.device).view(1, 1, -1)
         fn = f0_up * harmonics
@@ -103,7 +111,8 @@ class SourceModule(nn.Module):
         if deterministic:
             rand_ini = torch.zeros(fn.shape[0], fn.shape[2], device=fn.device)
         else:
-            rand_ini = torch.rand(fn.shape[0], fn.shape[2], generator=generator, device=fn.device)
+            rand_ini = (torch.rand(fn.shape[0], fn.shape[2], generator=generator, device=fn.device) if rows is None
+                        else torch.cat([torch.rand(1, fn.shape[2], generator=g, device=fn.device) for g in rows]))
         rand_ini[:, 0] = 0
         rad[:, 0, :] = rad[:, 0, :] + rand_ini
         rad = F.interpolate(rad.transpose(1, 2), scale_factor=1 / scale, mode="linear").transpose(1, 2)
@@ -117,11 +126,19 @@ class SourceModule(nn.Module):
             noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
             # like the reference's randn_like: same memory layout as ``sines`` (channels-first
             # strides), so a given RNG state yields the same noise as upstream
-            noise = noise_amp * torch.empty_like(sines).normal_(generator=generator)
+            if rows is None:
+                noise = noise_amp * torch.empty_like(sines).normal_(generator=generator)
+            else:
+                noise = noise_amp * torch.cat([torch.empty_like(sines[i:i + 1]).normal_(generator=g)
+                                               for i, g in enumerate(rows)])
             waves = sines * uv + noise
             # upstream also draws (and discards) a noise branch of uv's shape; draw it too so
             # that successive calls consume the RNG exactly as the reference does
-            torch.empty_like(uv).normal_(generator=generator)
+            if rows is None:
+                torch.empty_like(uv).normal_(generator=generator)
+            else:
+                for i, g in enumerate(rows):
+                    torch.empty_like(uv[i:i + 1]).normal_(generator=g)
         return torch.tanh(self.l_linear(waves))
 
 
