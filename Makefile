@@ -50,6 +50,7 @@ demo: install
 bench: install
 	$(PY) bench/decode.py
 	$(PY) bench/load_memory.py
+	$(PY) bench/synthesize.py
 
 tiny-checkpoint: install
 	$(VENV)/bin/stepaudio2 make-tiny-checkpoint $(ROOT)/.cache/tiny-checkpoint
