@@ -159,12 +159,21 @@ class LocalStack:
         self._require(self.orchestrator, "orchestrator")
         return self.orchestrator.settings.served_model_id
 
+    @property
+    def serves_speech(self) -> bool:
+        """Whether the checkpoint has token2wav (text to speech and voices)."""
+        from stepaudio2.runtime.model_repo import checkpoint_models
+
+        return checkpoint_models(self.model_dir)["token2wav"] is None
+
     def endpoints(self) -> dict[str, str]:
         """Every address of the running stack, for printing."""
         t = self.triton.urls
         return {
             "openai_base_url": f"{self.http_url}/v1",
             "transcriptions": f"{self.http_url}/v1/audio/transcriptions",
+            "speech": f"{self.http_url}/v1/audio/speech",
+            "voices": f"{self.http_url}/v1/audio/voices",
             "models": f"{self.http_url}/v1/models",
             "healthz": f"{self.http_url}/healthz",
             "readyz": f"{self.http_url}/readyz",
@@ -281,6 +290,9 @@ def _print_banner(stack: LocalStack) -> None:
         f"Step-Audio 2 local stack: model {stack.model_id!r} from {stack.model_dir}",
         f"  HTTP (OpenAI-compatible)  {e['openai_base_url']}",
         f"    POST {e['transcriptions']}",
+        *([f"    POST {e['speech']}",
+           f"    GET|POST {e['voices']}   DELETE {e['voices']}/{{id}}   (voices in {stack.voices_dir or 'S3'})"]
+          if stack.serves_speech else []),
         f"    GET  {e['models']}",
         f"    GET  {e['healthz']}  {e['readyz']}  {e['metrics']}  (no key needed)",
         f"  gRPC (stepaudio2.v1)      {e['grpc']}",

@@ -45,6 +45,7 @@ from stepaudio2.runtime.errors import (
     AlreadyExists,
     AudioTooLarge,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     InvalidAudio,
     NotFound,
@@ -245,6 +246,12 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         self.tokenizer = tokenizer
         self.triton = triton
         self.voices = voices if voices is not None else open_orchestrator_voices(settings)
+        # Text to speech needs the checkpoint's token2wav/ (an ASR-only checkpoint has none).
+        from stepaudio2.runtime.model_repo import checkpoint_models
+
+        models = checkpoint_models(settings.model_dir)
+        self._no_speech = models["token2wav"]
+        self._no_voice_encoder = models["voice_encoder"]
         self.model_id = settings.served_model_id
         try:
             self.created = int((settings.model_dir / "config.json").stat().st_mtime)
@@ -437,6 +444,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     async def _register_voice(self, request: assistant_pb2.RegisterVoiceRequest,
                               context: grpc.aio.ServicerContext) -> assistant_pb2.VoiceInfo:
         s = self.settings
+        if self._no_voice_encoder:
+            raise FailedPrecondition(f"this deployment cannot make voices: {self._no_voice_encoder}")
         data = request.audio.data
         if not data:
             raise InvalidAudio("the reference recording is empty (0 bytes)", field="audio.data")
@@ -487,6 +496,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[assistant_pb2.SynthesizeEvent]:
         s = self.settings
         self._check_model(request.model)
+        if self._no_speech:
+            raise FailedPrecondition(f"this deployment does not speak: {self._no_speech}")
         text = self._check_tts_text(request.text)
         voice = check_voice_id(request.voice or s.default_voice)
         if request.encoding not in OUTPUT_ENCODINGS:

@@ -20,10 +20,36 @@ UNSEEN = "en-us+f4"
 
 
 @pytest.fixture(scope="module")
-def demo_stack():
-    with LocalStack(CKPT, repo_options={"num_threads": 1},
+def demo_stack(tmp_path_factory):
+    with LocalStack(CKPT, repo_options={"num_threads": 1}, voices_dir=tmp_path_factory.mktemp("voices"),
                     orchestrator_options={"max_tokens_per_segment": 32}) as stack:
         yield stack
+
+
+def test_asr_only_checkpoint_refuses_speech_clearly(demo_stack):
+    """The demo checkpoint has no token2wav/: Triton serves no token2wav, and text to speech
+    and voice registration say why (FAILED_PRECONDITION / 400) instead of failing deep."""
+    import grpc
+    import httpx
+
+    from stepaudio2.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+
+    assert not demo_stack.serves_speech
+    md = (("authorization", f"Bearer {demo_stack.api_key}"),)
+    with grpc.insecure_channel(demo_stack.grpc_address) as ch:
+        stub = assistant_pb2_grpc.AssistantStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Synthesize(assistant_pb2.SynthesizeRequest(text="hello"), metadata=md, timeout=30))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "token2wav" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RegisterVoice(assistant_pb2.RegisterVoiceRequest(
+                voice_id="v", audio=common_pb2.AudioChunk(data=(ROOT / "assets" / "voices" / "default_male.wav")
+                                                          .read_bytes())), metadata=md, timeout=30)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    r = httpx.post(f"{demo_stack.http_url}/v1/audio/speech", json={"input": "hello", "voice": "default_male"},
+                   headers={"Authorization": f"Bearer {demo_stack.api_key}"}, timeout=30)
+    assert r.status_code == 400 and "token2wav" in r.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")
