@@ -115,6 +115,15 @@ def get_param(params: Mapping[str, str], key: str, type_: type = str, default: A
     return value
 
 
+def request_inputs(pb_utils, request, names: Sequence[str]) -> dict[str, np.ndarray | None]:
+    """``name -> numpy array`` of a Triton request's inputs (None for an absent optional one)."""
+    out = {}
+    for name in names:
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        out[name] = None if t is None else t.as_numpy()
+    return out
+
+
 def model_device(args: Mapping[str, str]) -> str:
     """Torch device of a model instance from Triton's ``initialize`` args."""
     if str(args.get("model_instance_kind", "CPU")).upper() == "GPU":

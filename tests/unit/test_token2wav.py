@@ -49,6 +49,22 @@ def speech(seed, n):
     return torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def push_alternately(pairs):
+    """Push the streams' chunks by the protocol, one chunk of each stream in turn."""
+    bufs, outs = [list(t) for _, t in pairs], [[] for _ in pairs]
+    while any(bufs):
+        for (s, _), buf, got in zip(pairs, bufs, outs):
+            if not buf:
+                continue
+            if len(buf) >= 28:
+                got.append(s.push(buf[:28]))
+                del buf[:25]
+            else:
+                got.append(s.push(buf, last=True))
+                buf.clear()
+    return outs
+
+
 def run_stream(s, tokens):
     """The reference caller: 28 tokens per push, keep the last 3, remainder with last=True."""
     outs, buf = [], list(tokens)
@@ -256,17 +272,7 @@ def test_interleaved_streams_are_independent(t2w):
     alone_a = run_stream(t2w.stream(*va, deterministic=True), ta)
     alone_b = run_stream(t2w.stream(*vb, deterministic=True), tb)
     sa, sb = t2w.stream(*va, deterministic=True), t2w.stream(*vb, deterministic=True)
-    got_a, got_b, ba, bb = [], [], list(ta), list(tb)
-    while ba or bb:                      # alternate pushes
-        for buf, s, got in ((ba, sa, got_a), (bb, sb, got_b)):
-            if not buf:
-                continue
-            if len(buf) >= 28:
-                got.append(s.push(buf[:28]))
-                del buf[:25]
-            else:
-                got.append(s.push(buf, last=True))
-                buf.clear()
+    got_a, got_b = push_alternately([(sa, ta), (sb, tb)])
     assert len(got_a) == len(alone_a) and all(x.equal(y) for x, y in zip(got_a, alone_a))
     assert len(got_b) == len(alone_b) and all(x.equal(y) for x, y in zip(got_b, alone_b))
 
@@ -391,17 +397,7 @@ def test_streams_from_one_prefill_equal_fresh_streams_and_stay_independent(t2w):
     k_before = prefill.cache._k.clone()
     sa = t2w.stream_from(prefill, deterministic=True)
     sb = t2w.stream_from(prefill, deterministic=True)
-    got_a, got_b, ba, bb = [], [], list(a_tokens), list(b_tokens)
-    while ba or bb:                      # interleaved: each stream must own its caches
-        for buf, s, got in ((ba, sa, got_a), (bb, sb, got_b)):
-            if not buf:
-                continue
-            if len(buf) >= 28:
-                got.append(s.push(buf[:28]))
-                del buf[:25]
-            else:
-                got.append(s.push(buf, last=True))
-                buf.clear()
+    got_a, got_b = push_alternately([(sa, a_tokens), (sb, b_tokens)])   # each stream must own its caches
     assert len(got_a) == len(want_a) and all(x.equal(y) for x, y in zip(got_a, want_a))
     assert len(got_b) == len(want_b) and all(x.equal(y) for x, y in zip(got_b, want_b))
     assert prefill.cache._k.equal(k_before), "streams must not write into the shared prefill"

@@ -12,12 +12,8 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.runtime.errors import StepAudio2Error
 from stepaudio2.runtime.model_repo import DTYPES
 from stepaudio2.runtime.triton_params import (encode_audio_inputs, get_param, model_device, model_parameters,
-                                              parse_audio_input, triton_error)
+                                              parse_audio_input, request_inputs, triton_error)
 
-
-def _input(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -35,7 +31,7 @@ class TritonPythonModel:
         good = []
         for i, request in enumerate(requests):
             try:
-                good.append((i, parse_audio_input(_input(request, "WAVEFORM"), _input(request, "MEL"))))
+                good.append((i, parse_audio_input(*request_inputs(pb_utils, request, ("WAVEFORM", "MEL")).values())))
             except StepAudio2Error as e:
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, e))
         if good:

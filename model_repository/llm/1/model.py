@@ -13,18 +13,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.runtime.model_repo import DTYPES
-from stepaudio2.runtime.triton_params import (SAMPLING_INPUTS, EngineMetrics, RequestCancelled, engine_stats,
-                                              get_param, model_device, model_parameters, parse_llm_request,
+from stepaudio2.runtime.triton_params import (SAMPLING_INPUTS, engine_stats, EngineMetrics, get_param, model_device,
+                                              model_parameters, parse_llm_request, request_inputs, RequestCancelled,
                                               split_audio_embeds, triton_error)
 
 INPUTS = ("INPUT_IDS", "AUDIO_EMBEDS", "STOP_IDS", "ALLOWED_TOKEN_IDS", "LOGIT_BIAS_IDS", "LOGIT_BIAS_VALUES",
           *SAMPLING_INPUTS)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-def _input(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class _Stream:
@@ -97,7 +93,7 @@ class TritonPythonModel:
             # Engine ids must be unique among active requests; client ids need not be.
             rid = f"{client_id or 'req'}#{next(self._seq)}"
             try:
-                req = parse_llm_request({name: _input(request, name) for name in INPUTS}, self.llm_dim)
+                req = parse_llm_request(request_inputs(pb_utils, request, INPUTS), self.llm_dim)
                 audio = split_audio_embeds(req.audio_embeds, patch_runs(req.input_ids, self.patch_id))
                 self.engine.submit(rid, req.input_ids, audio, SamplingParams(**req.sampling),
                                    on_output=_Stream(sender, client_id, self.metrics), is_cancelled=sender.is_cancelled)

@@ -13,12 +13,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.runtime.triton_params import (EngineMetrics, get_param, model_device, model_parameters,
-                                              parse_t2w_request, triton_error)
+                                              parse_t2w_request, request_inputs, triton_error)
 
 
-def _input(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
+
+T2W_INPUTS = ("TOKENS", "START", "END", "CORRID", "VOICE", "SEED", "CANCEL")
 
 
 class Token2WavMetrics(EngineMetrics):
@@ -88,9 +87,7 @@ class TritonPythonModel:
         chunks, where = [], []
         for i, request in enumerate(requests):
             try:
-                chunks.append(parse_t2w_request({n: _input(request, n) for n in
-                                                 ("TOKENS", "START", "END", "CORRID", "VOICE", "SEED", "CANCEL")},
-                                                request.correlation_id()))
+                chunks.append(parse_t2w_request(request_inputs(pb_utils, request, T2W_INPUTS), request.correlation_id()))
                 where.append(i)
             except Exception as e:  # noqa: BLE001
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, e, request.request_id()))

@@ -3,12 +3,9 @@
 silent) fail alone with "INVALID_ARGUMENT: ..." / "UNSUPPORTED_MEDIA: ..."."""
 import triton_python_backend_utils as pb_utils
 
-from stepaudio2.runtime.triton_params import get_param, model_parameters, parse_voice_request, triton_error
+from stepaudio2.runtime.triton_params import (get_param, model_parameters, parse_voice_request, request_inputs,
+                                              triton_error)
 
-
-def _input(request, name):
-    t = pb_utils.get_input_tensor_by_name(request, name)
-    return None if t is None else t.as_numpy()
 
 
 class TritonPythonModel:
@@ -24,7 +21,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                voice = self.encoder.encode(parse_voice_request({"AUDIO": _input(request, "AUDIO")}),
+                voice = self.encoder.encode(parse_voice_request(request_inputs(pb_utils, request, ("AUDIO",))),
                                             voice_id="unnamed")
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("PROMPT_TOKENS", voice.prompt_tokens),
