@@ -28,6 +28,7 @@ import tritonclient.grpc as grpcclient
 from stepaudio2.model.tokenizer import StepAudioTokenizer
 from stepaudio2.stack import LocalStack
 from stepaudio2.v1 import assistant_pb2, assistant_pb2_grpc, common_pb2
+from tests.integration.s3 import s3_server  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 VOICE_WAV = ROOT / "assets" / "voices" / "default_male.wav"
@@ -392,3 +393,34 @@ def test_http_speech_and_voice_errors(stack):
                                                                      "deleted": True}
         assert http.get("/v1/audio/voices/http-voice").status_code == 404
         assert httpx.get(f"{stack.http_url}/v1/audio/voices").status_code == 401
+
+
+# ---------------------------------------------------------------------------- voices in S3
+def test_voice_library_in_s3_end_to_end(s3_server, tiny_ckpt, triton_factory, special, monkeypatch):
+    """With STEPAUDIO2_VOICES_S3_* set (no folder), Triton's token2wav registers the built-in
+    voices in the S3 server and reads voices from it; the orchestrator registers a new voice
+    there; synthesis in that voice works; deleting it removes its objects."""
+    from tests.integration.s3 import ACCESS_KEY, REGION, SECRET_KEY
+
+    prefix = f"e2e-{time.time_ns()}/voices"
+    env = {"STEPAUDIO2_VOICES_S3_ENDPOINT": s3_server.endpoint, "STEPAUDIO2_VOICES_S3_ACCESS_KEY": ACCESS_KEY,
+           "STEPAUDIO2_VOICES_S3_SECRET_KEY": SECRET_KEY, "STEPAUDIO2_VOICES_S3_REGION": REGION,
+           "STEPAUDIO2_VOICES_S3_BUCKET": "stepaudio2-e2e", "STEPAUDIO2_VOICES_S3_PREFIX": prefix}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)           # inherited by tritonserver and read by the orchestrator
+    server = triton_factory(voices_dir=None)
+    client = s3_server.client()
+    keys = lambda: sorted(o.object_name for o in client.list_objects("stepaudio2-e2e", prefix=prefix + "/",  # noqa: E731
+                                                                      recursive=True))
+    assert {k.split("/")[-2] for k in keys()} == {"default_female", "default_male"}
+    with LocalStack(tiny_ckpt, triton_server=server) as stack:
+        assert stack.voices_dir is None
+        md = (("authorization", f"Bearer {stack.api_key}"),)
+        with grpc.insecure_channel(stack.grpc_address) as channel:
+            stub = assistant_pb2_grpc.AssistantStub(channel)
+            _register(stub, md, "s3-voice", VOICE_WAV.read_bytes(), name="In S3")
+            assert f"{prefix}/s3-voice/voice.json" in keys()
+            events = _synth(stub, md, text="From S3.", voice="s3-voice", sampling=speech_sampling(special, n=30))
+            assert sum(e.speech_tokens for e in events) == 30
+            stub.DeleteVoice(assistant_pb2.DeleteVoiceRequest(voice_id="s3-voice"), metadata=md)
+            assert not [k for k in keys() if "/s3-voice/" in k]
