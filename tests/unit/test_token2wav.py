@@ -394,13 +394,13 @@ def test_streams_from_one_prefill_equal_fresh_streams_and_stay_independent(t2w):
     want_a = run_stream(t2w.stream(*v, deterministic=True), a_tokens)
     want_b = run_stream(t2w.stream(*v, deterministic=True), b_tokens)
     prefill = t2w.prefill(*v)
-    k_before = prefill.cache._k.clone()
+    att_before = prefill.cache.dit_att.clone()       # the live K/V region (the slack is uninitialised)
     sa = t2w.stream_from(prefill, deterministic=True)
     sb = t2w.stream_from(prefill, deterministic=True)
     got_a, got_b = push_alternately([(sa, a_tokens), (sb, b_tokens)])   # each stream must own its caches
     assert len(got_a) == len(want_a) and all(x.equal(y) for x, y in zip(got_a, want_a))
     assert len(got_b) == len(want_b) and all(x.equal(y) for x, y in zip(got_b, want_b))
-    assert prefill.cache._k.equal(k_before), "streams must not write into the shared prefill"
+    assert prefill.cache.dit_att.equal(att_before), "streams must not write into the shared prefill"
     other = type(t2w)(t2w.flow, t2w.hift)
     with pytest.raises(InvalidArgument, match="another"):
         other.stream_from(prefill)
