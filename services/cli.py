@@ -1,4 +1,4 @@
-"""`stepaudio2` command line. Later issues add `up`, `triton`, `model-repo`, ..."""
+"""The `stepaudio2` command line."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,68 @@ def cmd_transcribe(args) -> int:
     model = _load(_resolve_model_dir(args.model_dir), args.dtype, args.device)
     res = _run_task(model, asr_messages(args.audio), args.max_new_tokens)
     print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else res["text"])
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    """Text -> speech in-process: TTS prompt -> LLM -> speech codes -> streaming token2wav
+    (the same protocol and pieces as the served Synthesize) -> an audio file."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from stepaudio2.model.parser import AudioCodes, OutputParser
+    from stepaudio2.model.token2wav import Token2Wav, VoiceEncoder
+    from stepaudio2.orchestrator.tts import SAMPLE_RATE, SpeechChunker, check_speed, time_stretch, tts_prompt
+    from stepaudio2.runtime.errors import InvalidArgument
+    from stepaudio2.runtime.voice_store import ASSETS_VOICES, BUILTIN_VOICES
+
+    out = Path(args.out)
+    fmt = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3"}.get(out.suffix.lower())
+    if fmt is None:
+        raise InvalidArgument(f"--out must end in .wav, .flac or .mp3, got {out.name!r}", field="out")
+    speed = check_speed(args.speed)
+    model_dir = _resolve_model_dir(args.model_dir)
+    if args.voice_wav:
+        clip = Path(args.voice_wav)
+    elif args.voice in BUILTIN_VOICES:
+        clip = ASSETS_VOICES / f"{args.voice}.wav"
+    else:
+        raise InvalidArgument(f"--voice must be one of {sorted(BUILTIN_VOICES)} (or give --voice-wav)", field="voice")
+    t0 = time.perf_counter()
+    model = _load(model_dir, args.dtype, args.device)
+    t2w = Token2Wav.from_pretrained(model_dir, device=args.device)
+    voice = VoiceEncoder.from_pretrained(model_dir).encode(clip.read_bytes(), voice_id="cli")
+    sp = model.tokenizer.special
+    prompt = tts_prompt(model.tokenizer, args.text, args.prompt_style)
+    extra = {"min_tokens": args.min_tokens}
+    if args.speech_only:    # a real sampling control: only speech codes (and the stop tokens)
+        extra["allowed_token_ids"] = list(range(sp.audio_code_base, sp.audio_code_base + sp.num_audio_codes)) + \
+            [sp.eot, sp.tts_end]
+    t1 = time.perf_counter()
+    ids = model.generate(prompt.input_ids, [], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                         stop_ids=[sp.eot, sp.tts_end], **extra)
+    t2 = time.perf_counter()
+    parser = OutputParser(model.tokenizer, in_tts=True)
+    codes = [c for e in parser.feed_many(ids) + parser.finish() if isinstance(e, AudioCodes) for c in e.codes]
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    pieces = []
+    if codes:
+        stream = t2w.stream(voice.prompt_tokens, voice.prompt_mel, voice.speaker_embedding, generator=gen)
+        chunker = SpeechChunker()
+        pieces = [stream.push(c).numpy() for c in chunker.feed(codes)]
+        pieces.append(stream.push(chunker.finish(), last=True).numpy())
+    wav = time_stretch(np.concatenate(pieces) if pieces else np.zeros(0, np.float32), speed)
+    t3 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out, wav if wav.size else np.zeros(1, np.float32), SAMPLE_RATE, format=fmt)
+    print(json.dumps({"out": str(out), "seconds": round(wav.size / SAMPLE_RATE, 3), "speech_codes": len(codes),
+                      "generated_tokens": len(ids), "load_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2),
+                      "token2wav_s": round(t3 - t2, 2)}, indent=2))
+    if not codes:
+        print("the model produced no speech codes (random or ASR-only weights?): try --speech-only --min-tokens N",
+              file=sys.stderr)
     return 0
 
 
@@ -207,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     model_args(s)
     s.set_defaults(fn=cmd_transcribe)
+
+    s = sub.add_parser("synthesize", help="text to speech in-process (TTS prompt, spec §2.3; token2wav §3.6)")
+    s.add_argument("text")
+    s.add_argument("--out", required=True, help="output file: .wav, .flac or .mp3 (24 kHz mono)")
+    s.add_argument("--voice", default="default_female", help="a built-in voice (default_female, default_male)")
+    s.add_argument("--voice-wav", default=None, help="or a reference recording (>= 1 s of speech)")
+    s.add_argument("--prompt-style", choices=["chat", "base"], default="chat")
+    s.add_argument("--speed", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--repetition-penalty", type=float, default=1.05)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--min-tokens", type=int, default=0)
+    s.add_argument("--speech-only", action="store_true", help="sample only speech codes (allowed-token set)")
+    model_args(s)
+    s.set_defaults(fn=cmd_synthesize, max_new_tokens=2048)
 
     s = sub.add_parser("demo", help="start the served stack on loopback and transcribe the bundled WAV over HTTP "
                                     "and gRPC")

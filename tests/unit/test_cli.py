@@ -37,3 +37,23 @@ def test_errors_are_one_line_with_the_reason(tmp_path):
     r = cli("make-tiny-checkpoint", tmp_path / "c")
     r = cli("transcribe", bad, "--model-dir", tmp_path / "c")
     assert r.returncode == 2 and "UNSUPPORTED_MEDIA" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synthesize_writes_speech_for_every_code(tmp_path):
+    import soundfile as sf
+
+    d = tmp_path / "ckpt"
+    assert cli("make-tiny-checkpoint", d).returncode == 0
+    out = tmp_path / "hello.flac"
+    # random weights: drive speech codes with the allowed-token set and min_tokens
+    r = cli("synthesize", "Hello there.", "--model-dir", d, "--out", out, "--voice", "default_male",
+            "--speech-only", "--min-tokens", 40, "--max-new-tokens", 40, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["speech_codes"] == 40
+    x, sr = sf.read(out)
+    assert sr == 24_000 and x.shape == (40 * 960,) and abs(x).max() > 0
+    r = cli("synthesize", "Hello", "--model-dir", d, "--out", tmp_path / "x.ogg")
+    assert r.returncode == 2 and ".wav, .flac or .mp3" in r.stderr and "Traceback" not in r.stderr
+    r = cli("synthesize", "Hello", "--model-dir", ROOT / "assets" / "demo-checkpoint", "--out", tmp_path / "y.wav")
+    assert r.returncode == 2 and "token2wav" in r.stderr and "Traceback" not in r.stderr
