@@ -424,3 +424,28 @@ def test_voice_library_in_s3_end_to_end(s3_server, tiny_ckpt, triton_factory, sp
             assert sum(e.speech_tokens for e in events) == 30
             stub.DeleteVoice(assistant_pb2.DeleteVoiceRequest(voice_id="s3-voice"), metadata=md)
             assert not [k for k in keys() if "/s3-voice/" in k]
+
+
+def test_concurrent_synthesize_with_cancellations_leaks_nothing(stub, md, special, triton):
+    """A bounded version of the reliability soak: 10 concurrent requests, every other one
+    cancelled after its first audio event; the rest complete with every code's audio, no
+    token2wav state is left behind, and the service still answers."""
+    import concurrent.futures
+
+    def one(i):
+        req = assistant_pb2.SynthesizeRequest(text=f"Request {i}.", voice=("default_female", "default_male")[i % 2],
+                                              encoding=common_pb2.AUDIO_ENCODING_PCM16,
+                                              sampling=speech_sampling(special, n=80, seed=i))
+        call = stub.Synthesize(req, metadata=md, timeout=180)
+        if i % 2:
+            next(call)
+            call.cancel()
+            return None
+        return sum(len(e.audio.data) for e in call) // 2
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        samples = list(pool.map(one, range(10)))
+    assert [s for s in samples if s is not None] == [80 * SAMPLES_PER_CODE] * 5
+    assert _wait_metric(triton, "stepaudio2_token2wav_live_streams", 0) == 0
+    events = _synth(stub, md, text="after the storm", sampling=speech_sampling(special, n=10))
+    assert sum(e.speech_tokens for e in events) == 10
