@@ -449,3 +449,27 @@ def test_concurrent_synthesize_with_cancellations_leaks_nothing(stub, md, specia
     assert _wait_metric(triton, "stepaudio2_token2wav_live_streams", 0) == 0
     events = _synth(stub, md, text="after the storm", sampling=speech_sampling(special, n=10))
     assert sum(e.speech_tokens for e in events) == 10
+
+
+def test_http_client_leaving_mid_speech_frees_the_stream(stack, special, triton):
+    """The HTTP client reads the first audio bytes of a long wav and disconnects: the
+    gateway cancels the gRPC call, the orchestrator cancels the LLM and frees token2wav."""
+    # 2000 codes (80 s of audio): far more than can be made before the client leaves
+    body = {"input": "A long story.", "voice": "default_female", "response_format": "pcm", **_extra(special, n=2000)}
+    llm_cancelled = _metric(triton, "stepaudio2_llm_cancelled_requests_total")
+    t2w_cancelled = _metric(triton, "stepaudio2_token2wav_cancelled_streams_total")
+    with httpx.Client(base_url=stack.http_url, timeout=120,
+                      headers={"Authorization": f"Bearer {stack.api_key}"}) as http:
+        with http.stream("POST", "/v1/audio/speech", json=body) as r:
+            assert r.status_code == 200
+            first = next(r.iter_raw())
+            assert first
+        # leaving the block closes the connection before the body is complete
+    assert _wait_metric(triton, "stepaudio2_token2wav_live_streams", 0) == 0
+    assert _wait_metric(triton, "stepaudio2_llm_running_batch", 0) == 0
+    # (>=: a cancellation of an earlier test may still be counted meanwhile)
+    deadline = time.monotonic() + 60
+    while _metric(triton, "stepaudio2_llm_cancelled_requests_total") < llm_cancelled + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(triton, "stepaudio2_llm_cancelled_requests_total") >= llm_cancelled + 1
+    assert _metric(triton, "stepaudio2_token2wav_cancelled_streams_total") >= t2w_cancelled + 1
