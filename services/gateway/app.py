@@ -38,7 +38,7 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_guard)])
 probes = APIRouter()
 
 _TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 429, 503, 504)}
 # The multipart body is read by hand (size limit while streaming), so describe it for
 # the OpenAPI document ourselves.
 _TRANSCRIPTION_BODY = {

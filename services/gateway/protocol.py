@@ -171,6 +171,7 @@ class VoiceObject(BaseModel):
     created_at: str
     prompt_tokens: int
     builtin: bool = False
+    owner: str = ""
 
 
 class VoiceList(BaseModel):

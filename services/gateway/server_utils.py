@@ -42,7 +42,7 @@ LINGER_S = 5.0
 
 # ---- errors ---------------------------------------------------------------------------------
 
-_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
 def _error_payload(code: str, message: str, param: str | None) -> tuple[int, dict]:

@@ -341,4 +341,4 @@ def speech_message(req: SpeechRequest) -> assistant_pb2.SynthesizeRequest:
 
 def voice_object(v: assistant_pb2.VoiceInfo) -> VoiceObject:
     return VoiceObject(id=v.voice_id, name=v.name, description=v.description, created_at=v.created,
-                       prompt_tokens=v.prompt_tokens, builtin=v.builtin)
+                       prompt_tokens=v.prompt_tokens, builtin=v.builtin, owner=v.owner)

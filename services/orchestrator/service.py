@@ -49,6 +49,7 @@ from stepaudio2.runtime.errors import (
     InvalidArgument,
     InvalidAudio,
     NotFound,
+    PermissionDenied,
     StepAudio2Error,
 )
 from stepaudio2.runtime.grpc_errors import grpc_error_boundary, rich_status
@@ -229,7 +230,7 @@ def sampling_params(opts: common_pb2.SamplingOptions, *, default_max: int, limit
 def voice_info(voice: Voice) -> assistant_pb2.VoiceInfo:
     return assistant_pb2.VoiceInfo(voice_id=voice.voice_id, name=voice.name, description=voice.description,
                                    created=voice.created, prompt_tokens=int(voice.prompt_tokens.shape[0]),
-                                   builtin=voice.voice_id in BUILTIN_VOICES)
+                                   builtin=voice.voice_id in BUILTIN_VOICES, owner=voice.owner)
 
 
 # Conversation-style sampling for speech (spec §2.4).
@@ -319,8 +320,15 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     async def DeleteVoice(self, request: assistant_pb2.DeleteVoiceRequest,
                           context: grpc.aio.ServicerContext) -> assistant_pb2.DeleteVoiceResponse:
         vid = check_voice_id(request.voice_id)
+        if vid in BUILTIN_VOICES:
+            raise FailedPrecondition(f"{vid!r} is a built-in voice and cannot be deleted", field="voice_id")
+        voice = await asyncio.to_thread(self.voices.get, vid)          # NotFound first
+        tenant = current_tenant()
+        if voice.owner and tenant is not None and voice.owner != tenant:
+            raise PermissionDenied(f"voice {vid!r} belongs to another tenant; only its owner may delete it",
+                                   field="voice_id")
         await asyncio.to_thread(self.voices.delete, vid)
-        _LOGGER.info("voice %r deleted by tenant %s", vid, current_tenant())
+        _LOGGER.info("voice %r deleted by tenant %s", vid, tenant)
         return assistant_pb2.DeleteVoiceResponse()
 
     async def CreateSession(self, request, context):
@@ -472,7 +480,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             err.field = err.field or "audio.data"
             raise
         voice = Voice(voice_id=vid, name=request.name or vid, description=request.description,
-                      prompt_tokens=tokens, prompt_mel=mel, speaker_embedding=spk)
+                      prompt_tokens=tokens, prompt_mel=mel, speaker_embedding=spk, owner=current_tenant() or "")
         await asyncio.to_thread(self.voices.put, voice, bytes(data))
         _LOGGER.info("voice %r registered by tenant %s (%d prompt tokens)", vid, current_tenant(), len(tokens))
         return voice_info(voice)

@@ -33,6 +33,7 @@ ERROR_TABLE: dict[str, ErrorMapping] = {
     "CANCELLED": ErrorMapping("CANCELLED", 499, "CANCELLED"),
     "FAILED_PRECONDITION": ErrorMapping("FAILED_PRECONDITION", 400, "INVALID_ARG"),
     "ALREADY_EXISTS": ErrorMapping("ALREADY_EXISTS", 409, "ALREADY_EXISTS"),
+    "PERMISSION_DENIED": ErrorMapping("PERMISSION_DENIED", 403, "INVALID_ARG"),
     "INTERNAL": ErrorMapping("INTERNAL", 500, "INTERNAL"),
 }
 
@@ -87,6 +88,12 @@ class AlreadyExists(StepAudio2Error):
     """Creating something whose id is taken (a voice id, ...)."""
 
     code = "ALREADY_EXISTS"
+
+
+class PermissionDenied(StepAudio2Error):
+    """An authenticated caller may not do this (delete another tenant's voice, ...)."""
+
+    code = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(StepAudio2Error):

@@ -77,6 +77,7 @@ class Voice:
     prompt_mel: np.ndarray               # float32 [2N, 80]
     speaker_embedding: np.ndarray        # float32 [192]
     created: str = field(default_factory=utc_now)   # ISO 8601, UTC
+    owner: str = ""                      # the tenant that registered it ("" = built-in / no auth)
 
     def __post_init__(self):
         check_voice_id(self.voice_id)
@@ -98,7 +99,7 @@ class Voice:
     def metadata(self) -> dict:
         return {"voice_id": self.voice_id, "name": self.name, "description": self.description,
                 "created": self.created, "num_prompt_tokens": int(self.prompt_tokens.shape[0]),
-                "format_version": FORMAT_VERSION}
+                "owner": self.owner, "format_version": FORMAT_VERSION}
 
     def meta_bytes(self) -> bytes:
         return (json.dumps(self.metadata(), indent=2, ensure_ascii=False) + "\n").encode()
@@ -118,7 +119,7 @@ class Voice:
             with np.load(io.BytesIO(features), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("prompt_tokens", "prompt_mel", "speaker_embedding")}
             return cls(voice_id=m["voice_id"], name=m["name"], description=m["description"],
-                       created=m["created"], **arrays)
+                       created=m["created"], owner=str(m.get("owner") or ""), **arrays)
         except (ValueError, KeyError, TypeError, OSError, InvalidArgument) as e:
             raise CorruptVoice(f"stored voice {where or '?'} is unreadable: {e}") from None
 

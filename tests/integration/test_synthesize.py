@@ -473,3 +473,26 @@ def test_http_client_leaving_mid_speech_frees_the_stream(stack, special, triton)
         time.sleep(0.2)
     assert _metric(triton, "stepaudio2_llm_cancelled_requests_total") >= llm_cancelled + 1
     assert _metric(triton, "stepaudio2_token2wav_cancelled_streams_total") >= t2w_cancelled + 1
+
+
+def test_voices_are_owned_by_the_tenant_that_registered_them(triton, tiny_ckpt):
+    """Two tenants share the voice library: each may use every voice, only the owner may
+    delete one, and nobody deletes a built-in voice."""
+    from pydantic import SecretStr
+
+    keys = SecretStr("alice:alice-key-0123456789,bob:bob-key-0123456789")
+    with LocalStack(tiny_ckpt, triton_server=triton, orchestrator_options={"api_keys": keys}) as stack:
+        def h(key):
+            return {"Authorization": f"Bearer {key}"}
+
+        with httpx.Client(base_url=stack.http_url, timeout=120) as http:
+            r = http.post("/v1/audio/voices", headers=h("alice-key-0123456789"),
+                          files={"file": ("v.wav", VOICE_WAV.read_bytes())}, data={"voice_id": "alices-voice"})
+            assert r.status_code == 201 and r.json()["owner"] == "alice"
+            r = http.delete("/v1/audio/voices/alices-voice", headers=h("bob-key-0123456789"))
+            assert r.status_code == 403 and r.json()["error"]["code"] == "PERMISSION_DENIED"
+            assert http.get("/v1/audio/voices/alices-voice", headers=h("bob-key-0123456789")).status_code == 200
+            r = http.delete("/v1/audio/voices/default_female", headers=h("alice-key-0123456789"))
+            assert r.status_code == 400 and "built-in" in r.json()["error"]["message"]
+            r = http.delete("/v1/audio/voices/alices-voice", headers=h("alice-key-0123456789"))
+            assert r.status_code == 200 and r.json()["deleted"] is True
