@@ -321,3 +321,11 @@ def test_failed_batch_fallback_keeps_an_empty_end_chunk(tiny_ckpt, voices):
     res = svc.execute([empty_end, rb[1]])
     assert isinstance(res[1], InvalidArgument)      # the male chunk fails alone...
     np.testing.assert_allclose(ok(res[0]), want, rtol=0, atol=1e-5)   # ...and the female tail survives
+
+
+def test_warm_computes_the_prefill_of_known_voices_only(tiny_ckpt, voices):
+    svc = Token2WavService(Token2Wav.from_pretrained(tiny_ckpt), voices, prompt_cache_items=4)
+    assert svc.warm(["default_female", "nobody", "Bad Id!", "default_male"]) == ["default_female", "default_male"]
+    assert sorted(svc._prompt_cache) == ["default_female", "default_male"]
+    assert Token2WavService(Token2Wav.from_pretrained(tiny_ckpt), voices, prompt_cache_items=0).warm(
+        ["default_female"]) == []

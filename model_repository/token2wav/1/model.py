@@ -76,6 +76,11 @@ class TritonPythonModel:
         self.service = Token2WavService(self.t2w, self.voices, max_streams=max_streams, idle_timeout_s=idle_s,
                                         prompt_cache_items=get_param(params, "prompt_cache_items", int, 4,
                                                                      minimum=0))
+        from stepaudio2.runtime.voice_store import BUILTIN_VOICES
+
+        warmed = self.service.warm(v for v in BUILTIN_VOICES if self.voices.exists(v))
+        if warmed:
+            pb_utils.Logger.log_info(f"token2wav: prompt prefill ready for {warmed}")
         self.sweeper = Sweeper(self.service.table, min(1.0, idle_s / 4)).start()
         self.metrics = Token2WavMetrics(pb_utils, self.service.stats,
                                         {"model": args["model_name"], "version": args["model_version"]},

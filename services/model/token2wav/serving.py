@@ -100,6 +100,19 @@ class Token2WavService:
                 self._prompt_cache.popitem(last=False)
         return prefill, True
 
+    def warm(self, voice_ids) -> list[str]:
+        """Compute the prompt prefill of these voices now (e.g. the built-ins at start-up), so
+        their first streams do not stall a batch with the prompt pass. Returns the ids warmed;
+        unknown or broken voices are skipped (logged)."""
+        done = []
+        for vid in list(voice_ids)[: self._prompt_cache_items]:
+            try:
+                self._prefill(check_voice_id(vid))
+                done.append(vid)
+            except Exception as e:  # noqa: BLE001 - warming is an optimisation
+                _LOGGER.warning("token2wav: could not warm voice %r: %s", vid, e)
+        return done
+
     def _open(self, r: ChunkRequest) -> Token2WavStream:
         if not r.voice:
             raise InvalidArgument("the first chunk of a stream must name its voice", field="voice")
