@@ -180,6 +180,33 @@ def _demo_http(stack, wav: Path) -> dict:
             "ms": round((time.perf_counter() - t0) * 1000, 1)}
 
 
+def _demo_speech(stack, text: str, out: Path, drive: bool) -> dict:
+    """Speak ``text`` through the gateway into ``out`` (wav). ``drive``: random weights,
+    so sample only speech codes (a real sampling control), 2 s worth."""
+    import httpx
+
+    body = {"model": stack.model_id, "input": text, "voice": "default_female", "response_format": "wav"}
+    if drive:
+        from stepaudio2.model.tokenizer import StepAudioTokenizer
+
+        sp = StepAudioTokenizer.from_dir(stack.model_dir).special
+        body.update(min_tokens=50, max_tokens=50, seed=0, allowed_token_ids=list(
+            range(sp.audio_code_base, sp.audio_code_base + sp.num_audio_codes - 1)) + [sp.eot])
+    t0 = time.perf_counter()
+    first = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with httpx.stream("POST", f"{stack.http_url}/v1/audio/speech", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {stack.api_key}"}) as r:
+        r.raise_for_status()
+        with out.open("wb") as f:
+            for data in r.iter_bytes():
+                first = first or time.perf_counter() - t0
+                f.write(data)
+    seconds = (out.stat().st_size - 44) / 2 / 24_000
+    return {"out": str(out), "audio_s": round(seconds, 2), "first_audio_ms": round((first or 0) * 1000, 1),
+            "ms": round((time.perf_counter() - t0) * 1000, 1), **({"note": "random weights: noise"} if drive else {})}
+
+
 def _demo_grpc(stack, wav: Path) -> dict:
     """Transcribe ``wav`` through the orchestrator's public gRPC API (stepaudio2.v1.Assistant)."""
     import grpc
@@ -223,8 +250,16 @@ def cmd_demo(args) -> int:
         ref = wav.with_suffix(".txt")
         con.print(f"\n[bold]ASR[/bold] of {wav.name}" + (f" (reference: {ref.read_text().strip()!r})"
                                                           if ref.exists() else ""))
-        con.print("[bold]HTTP[/bold]", _demo_http(stack, wav))
+        http = _demo_http(stack, wav)
+        con.print("[bold]HTTP[/bold]", http)
         con.print("[bold]gRPC[/bold]", _demo_grpc(stack, wav))
+        if stack.serves_speech:
+            text = http["text"].strip() or "Hello from Step-Audio 2."
+            con.print(f"\n[bold]TTS[/bold] of {text!r} (POST /v1/audio/speech, voice default_female)")
+            con.print("[bold]HTTP[/bold]", _demo_speech(stack, text, Path(args.speech_out),
+                                                         drive="tiny-checkpoint" in str(model_dir)))
+        else:
+            con.print(f"\n[dim]text to speech skipped: {model_dir.name} has no token2wav/ (ASR only)[/dim]")
         t_stop = time.perf_counter()
     con.print(f"\nstopped gateway, orchestrator and Triton in {time.perf_counter() - t_stop:.1f} s "
               f"(demo total {time.perf_counter() - t0:.1f} s)")
@@ -289,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="start the served stack on loopback and transcribe the bundled WAV over HTTP "
                                     "and gRPC")
     s.add_argument("--audio", default=None)
+    s.add_argument("--speech-out", default=".cache/demo/reply.wav",
+                   help="where the TTS part writes its audio (checkpoints with token2wav/ only)")
     model_args(s)
     s.set_defaults(fn=cmd_demo)
 
