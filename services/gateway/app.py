@@ -100,7 +100,8 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
             await rest.aclose()
 
     headers = {"x-request-id": ctx.request_id}
-    return StreamingResponse(body_iter(), media_type=SPEECH_MEDIA_TYPES[body.response_format], headers=headers)
+    media = "text/event-stream" if body.stream_format == "sse" else SPEECH_MEDIA_TYPES[body.response_format]
+    return StreamingResponse(body_iter(), media_type=media, headers=headers)
 
 
 @api.post("/audio/voices", status_code=201, response_model=VoiceObject, responses=_ERRORS)

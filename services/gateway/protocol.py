@@ -133,7 +133,7 @@ SUPPORTED_SPEECH_FORMATS = ("wav", "pcm", "flac", "mp3")
 class SpeechRequest(BaseModel):
     """``POST /v1/audio/speech`` (OpenAI's shape), plus sampling extensions as other
     OpenAI-compatible servers offer them (vLLM: ``seed``, ``min_tokens``,
-    ``allowed_token_ids``...). Unknown fields (``instructions``, ``stream_format``) are ignored."""
+    ``allowed_token_ids``...). Unknown fields (``instructions``) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -143,6 +143,8 @@ class SpeechRequest(BaseModel):
     # OpenAI's default is mp3 (encoded whole, sent at the end); wav and pcm stream.
     response_format: SpeechFormat = "mp3"
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    # "audio": the body is the audio itself; "sse": OpenAI's speech.audio.delta / .done events.
+    stream_format: Literal["audio", "sse"] = "audio"
     # Extensions (unset = the server's TTS defaults, spec §2.4).
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)

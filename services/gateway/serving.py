@@ -8,6 +8,8 @@ and validates the bytes, and its errors (google.rpc.Status with an ErrorInfo who
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Union
@@ -249,19 +251,28 @@ class GatewayServing:
     # -- text to speech and voices ---------------------------------------------------------
 
     async def _speech_stream(self, req: SpeechRequest, ctx: CallContext) -> AsyncIterator[bytes]:
+        """The body: raw audio bytes, or (``stream_format`` sse) OpenAI's server-sent events
+        ``speech.audio.delta`` (base64 audio) and a final ``speech.audio.done`` with usage."""
         call = self._assistant.Synthesize(speech_message(req), metadata=ctx.metadata(),
                                           timeout=self.settings.request_timeout_s)
+        sse = req.stream_format == "sse"
         try:
             async for event in call:
                 if event.audio.data:
-                    yield event.audio.data
+                    yield sse_event({"type": "speech.audio.delta",
+                                     "audio": base64.b64encode(event.audio.data).decode()}) if sse \
+                        else event.audio.data
+                if sse and event.HasField("usage"):
+                    u = event.usage
+                    yield sse_event({"type": "speech.audio.done", "usage": {
+                        "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
+                        "total_tokens": u.prompt_tokens + u.completion_tokens}})
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc, self.address)
             _LOGGER.info("orchestrator call failed: request_id=%s code=%s %s", ctx.request_id, err.code, err)
             raise err from None
         finally:
             call.cancel()        # no-op once finished; stops the synthesis when the client left
-
 
     async def create_speech(self, req: SpeechRequest, ctx: CallContext) -> tuple[bytes, AsyncIterator[bytes]]:
         """(first bytes, the rest): the first audio is awaited before the HTTP response starts,
@@ -273,7 +284,6 @@ class GatewayServing:
             first = b""
         return first, stream
 
-
     async def create_voice(self, voice_id: str, name: str, description: str, audio: bytes,
                            ctx: CallContext) -> VoiceObject:
         if not audio:
@@ -283,16 +293,13 @@ class GatewayServing:
             ctx, self.settings.request_timeout_s)
         return voice_object(resp)
 
-
     async def list_voices(self, ctx: CallContext) -> VoiceList:
         resp = await self._call(self._assistant.ListVoices, assistant_pb2.ListVoicesRequest(), ctx, _METADATA_TIMEOUT_S)
         return VoiceList(data=[voice_object(v) for v in resp.voices])
 
-
     async def get_voice(self, voice_id: str, ctx: CallContext) -> VoiceObject:
         return voice_object(await self._call(self._assistant.GetVoice, assistant_pb2.GetVoiceRequest(voice_id=voice_id),
                                              ctx, _METADATA_TIMEOUT_S))
-
 
     async def delete_voice(self, voice_id: str, ctx: CallContext) -> VoiceDeleted:
         await self._call(self._assistant.DeleteVoice, assistant_pb2.DeleteVoiceRequest(voice_id=voice_id), ctx,
@@ -337,6 +344,11 @@ def speech_message(req: SpeechRequest) -> assistant_pb2.SynthesizeRequest:
     return assistant_pb2.SynthesizeRequest(text=req.input, voice=req.voice, model=req.model,
                                            encoding=SPEECH_ENCODINGS[req.response_format], speed=req.speed,
                                            sampling=sampling)
+
+
+def sse_event(payload: dict) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def voice_object(v: assistant_pb2.VoiceInfo) -> VoiceObject:

@@ -496,3 +496,24 @@ def test_voices_are_owned_by_the_tenant_that_registered_them(triton, tiny_ckpt):
             assert r.status_code == 400 and "built-in" in r.json()["error"]["message"]
             r = http.delete("/v1/audio/voices/alices-voice", headers=h("alice-key-0123456789"))
             assert r.status_code == 200 and r.json()["deleted"] is True
+
+
+def test_http_speech_as_server_sent_events(stack, special):
+    """stream_format=sse: OpenAI's speech.audio.delta events (base64 audio) then one
+    speech.audio.done with usage; the deltas concatenate to the same PCM as the raw body."""
+    import base64
+    import json
+
+    body = {"input": "Events please.", "voice": "default_male", "response_format": "pcm", **_extra(special, n=60)}
+    auth = {"Authorization": f"Bearer {stack.api_key}"}
+    with httpx.Client(base_url=stack.http_url, timeout=120, headers=auth) as http:
+        raw = http.post("/v1/audio/speech", json=body).content
+        r = http.post("/v1/audio/speech", json={**body, "stream_format": "sse"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(block[len("data: "):]) for block in r.text.split("\n\n") if block.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1) and len(events) >= 3
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["output_tokens"] == 60
+    assert events[-1]["usage"]["total_tokens"] == events[-1]["usage"]["input_tokens"] + 60
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert pcm == raw and len(pcm) == 2 * 60 * SAMPLES_PER_CODE
