@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -86,17 +87,27 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
     chunk; flac and mp3 come whole at the end. Errors found before the first audio get
     their HTTP status; a failure after that ends the body early (and is logged)."""
     ctx = _context(request)
+    metrics = request.app.state.metrics
+    t0 = time.perf_counter()
     first, rest = await run_until_disconnect(request, _serving(request).create_speech(body, ctx))
+    if first:
+        metrics.speech_first_audio.observe(time.perf_counter() - t0)
 
     async def body_iter():
+        outcome = "client_left"       # GeneratorExit / cancellation when the client goes away
         try:
             if first:
+                metrics.speech_audio_bytes.inc(len(first))
                 yield first
             async for data in rest:
+                metrics.speech_audio_bytes.inc(len(data))
                 yield data
+            outcome = "complete"
         except Exception as exc:  # noqa: BLE001 - the status line is gone: end the body early
+            outcome = "failed"
             _LOGGER.warning("speech stream %s ended early: %s", ctx.request_id, exc)
         finally:
+            metrics.speech_streams.labels(outcome).inc()
             await rest.aclose()
 
     headers = {"x-request-id": ctx.request_id}

@@ -156,6 +156,15 @@ class GatewayMetrics:
                                  registry=self.registry)
         self.in_progress = Gauge("stepaudio2_gateway_requests_in_progress", "Requests being handled.",
                                  registry=self.registry)
+        # Text to speech: time to first audio (the TTS latency users feel) and how each
+        # stream ended (complete | client_left | failed).
+        self.speech_first_audio = Histogram("stepaudio2_gateway_speech_first_audio_seconds",
+                                            "Time from request start to the first audio bytes of /v1/audio/speech.",
+                                            buckets=(.05, .1, .25, .5, 1, 2, 3, 5, 10, 30), registry=self.registry)
+        self.speech_streams = Counter("stepaudio2_gateway_speech_streams", "Speech bodies streamed, by how they "
+                                      "ended.", ("outcome",), registry=self.registry)
+        self.speech_audio_bytes = Counter("stepaudio2_gateway_speech_audio_bytes", "Speech body bytes sent.",
+                                          registry=self.registry)
         # Bytes of request body read per upload, rejected ones included: shows that an
         # oversized upload is refused after about max_upload_bytes, not after all of it.
         self.upload_bytes = Histogram("stepaudio2_gateway_upload_read_bytes",

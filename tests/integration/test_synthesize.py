@@ -473,6 +473,10 @@ def test_http_client_leaving_mid_speech_frees_the_stream(stack, special, triton)
         time.sleep(0.2)
     assert _metric(triton, "stepaudio2_llm_cancelled_requests_total") >= llm_cancelled + 1
     assert _metric(triton, "stepaudio2_token2wav_cancelled_streams_total") >= t2w_cancelled + 1
+    # the gateway's own view: time to first audio observed, the stream counted as client_left
+    text = httpx.get(f"{stack.http_url}/metrics", timeout=10).text
+    assert re.search(r'^stepaudio2_gateway_speech_streams_total\{outcome="client_left"\} [1-9]', text, re.M)
+    assert re.search(r"^stepaudio2_gateway_speech_first_audio_seconds_count [1-9]", text, re.M)
 
 
 def test_voices_are_owned_by_the_tenant_that_registered_them(triton, tiny_ckpt):
