@@ -165,7 +165,7 @@ class _Deadline:
     def remaining(self) -> float:
         left = self._end - time.monotonic()
         if left <= 0:
-            raise DeadlineExceeded("the deadline passed before the transcription finished")
+            raise DeadlineExceeded("the deadline passed before the request finished")
         return left
 
 
@@ -483,6 +483,13 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                       prompt_tokens=tokens, prompt_mel=mel, speaker_embedding=spk, owner=current_tenant() or "")
         await asyncio.to_thread(self.voices.put, voice, bytes(data))
         _LOGGER.info("voice %r registered by tenant %s (%d prompt tokens)", vid, current_tenant(), len(tokens))
+        # token2wav computes the voice's prompt pass now rather than in its first stream's batch
+        try:
+            budget = min(60.0, deadline.remaining())
+        except DeadlineExceeded:
+            budget = 0.0
+        if budget >= 1.0:
+            await self.triton.warm_voice(vid, timeout=budget)
         return voice_info(voice)
 
     # -- text to speech ----------------------------------------------------------------------

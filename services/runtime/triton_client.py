@@ -382,6 +382,18 @@ class TritonClients:
         except Exception as exc:  # noqa: BLE001
             _LOGGER.debug("cancelling token2wav stream %s: %s", stream_id, exc)
 
+    async def warm_voice(self, voice: str, *, timeout: float = 60.0) -> bool:
+        """Ask token2wav to compute ``voice``'s prompt prefill now (START + CANCEL, no stream
+        kept), so its first stream does not pay for it. Best effort: False on any failure."""
+        try:
+            await self.token2wav_chunk(new_stream_id(), [], start=True, voice=voice, cancel=True, timeout=timeout)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _LOGGER.info("warming voice %r in token2wav failed: %s", voice, exc)
+            return False
+
     # -- voice_encoder -----------------------------------------------------------------------
 
     async def encode_voice(self, audio_file: bytes, *, timeout: float | None = None,

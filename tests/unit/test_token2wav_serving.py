@@ -329,3 +329,14 @@ def test_warm_computes_the_prefill_of_known_voices_only(tiny_ckpt, voices):
     assert sorted(svc._prompt_cache) == ["default_female", "default_male"]
     assert Token2WavService(Token2Wav.from_pretrained(tiny_ckpt), voices, prompt_cache_items=0).warm(
         ["default_female"]) == []
+
+
+def test_start_with_cancel_warms_the_voice_and_keeps_no_stream(tiny_ckpt, voices):
+    svc = Token2WavService(Token2Wav.from_pretrained(tiny_ckpt), voices, prompt_cache_items=4)
+    out = svc.execute([ChunkRequest(stream_id=9, tokens=np.zeros(0, np.int64), start=True, cancel=True,
+                                    voice="default_male")])
+    assert out[0].size == 0 and svc.live_streams == 0
+    assert list(svc._prompt_cache) == ["default_male"]
+    bad = svc.execute([ChunkRequest(stream_id=10, tokens=np.zeros(0, np.int64), start=True, cancel=True,
+                                    voice="nobody")])
+    assert isinstance(bad[0], NotFound)

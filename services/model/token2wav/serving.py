@@ -7,7 +7,8 @@ request names its stream (Triton's correlation id), and carries flags:
   LRU of decoded voices in front of S3 or a folder), pre-fill the flow caches with the
   voice's prompt, seed the vocoder's random draws (``seed``, or a random one);
 * ``end``: this is the last chunk (the remainder, possibly empty): flush and free;
-* ``cancel``: drop the stream now; no audio.
+* ``cancel``: drop the stream now; no audio. With ``start`` and ``voice`` it only warms
+  that voice's prompt prefill (e.g. right after the voice is registered).
 
 Chunks of different streams that arrive together run as ONE batch
 (:meth:`Token2Wav.push_batch`: one estimator call per Euler step for all of them). A bad
@@ -137,6 +138,8 @@ class Token2WavService:
                 seen.add(key)
                 if r.cancel:
                     self.table.pop(key, "cancelled")
+                    if r.start and r.voice:     # START + CANCEL: warm this voice's prefill, keep no stream
+                        self._prefill(check_voice_id(r.voice))
                     results[i] = EMPTY
                     continue
                 if r.start:
