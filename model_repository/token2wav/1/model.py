@@ -71,7 +71,11 @@ class TritonPythonModel:
                 pb_utils.Logger.log_info(f"token2wav: registered built-in voices {added}")
         seq = config.get("sequence_batching") or {}
         idle_s = int(seq.get("max_sequence_idle_microseconds") or 60_000_000) / 1e6
-        max_streams = int((seq.get("oldest") or {}).get("max_candidate_sequences") or 64)
+        # Triton keeps at most max_candidate_sequences streams open; the table allows a few
+        # more so that a stream Triton has just expired (its clock runs a little ahead of
+        # ours) never blocks the next one while our sweeper has not yet caught up.
+        max_streams = int((seq.get("oldest") or {}).get("max_candidate_sequences") or 64) + \
+            max(1, int(config.get("max_batch_size") or 1))
         # Triton releases a sequence slot after idle_s; the model frees its state at the same age.
         self.service = Token2WavService(self.t2w, self.voices, max_streams=max_streams, idle_timeout_s=idle_s,
                                         prompt_cache_items=get_param(params, "prompt_cache_items", int, 4,
