@@ -17,6 +17,9 @@ and Triton's average executed batch (inference_count / execution_count).
 Then ``Synthesize`` over gRPC through the orchestrator (LocalStack on the batched server):
 time to first audio and per-request RTF at the same concurrency, with the LLM driven to
 emit exactly ``--chunks * 25`` speech codes (allowed_token_ids = code ids, min_tokens).
+``--real`` / ``--real-only``: also / only the Triton token2wav model at the released dims
+(random weights, built-in voices warmed at start-up), 1 and 2 streams ->
+bench/results/synthesize_real.json with ``--real-only``.
 Prints tables and writes bench/results/synthesize.json.
 """
 from __future__ import annotations
@@ -160,13 +163,57 @@ def synth_level(address: str, key: str, special, n: int, codes: int, seed: int) 
             "rtf": statistics.median(r["wall_s"] / r["audio_s"] for r in results)}
 
 
+def real_size_model_dir(work: Path) -> Path:
+    """The tiny LLM checkpoint with token2wav/ at the released dims (random weights; the
+    folder bench/token2wav.py writes under .cache/bench/token2wav-real)."""
+    import shutil
+
+    from token2wav import real_folder
+
+    d = work / "real-t2w"
+    shutil.copytree(tiny_ckpt(), d, ignore=shutil.ignore_patterns("token2wav"))
+    (d / "token2wav").symlink_to(real_folder().resolve())
+    return d
+
+
+def real_size(args, out: dict) -> None:
+    """Triton token2wav at the released dims: first chunk and RTF for 1 and 2 streams. The
+    built-in voices' prompt pass ran at start-up (warm), so a first chunk is one chunk."""
+    from conftest import start_triton
+
+    work = Path(tempfile.mkdtemp(prefix="bench-synth-real-"))
+    ckpt = real_size_model_dir(work)
+    t0 = time.perf_counter()
+    with start_triton(ckpt, work / "t", models=["token2wav"], voices_dir=str(work / "voices"),
+                      num_threads=args.real_threads, t2w_max_batch=2, ready_timeout=900) as srv:
+        out["real"] = {"startup_s_incl_prompt_pass_of_2_voices": time.perf_counter() - t0}
+        rows = []
+        for n in (1, 2):
+            runs = [t2w_level(srv.urls.grpc, n, args.real_chunks, seed=50 + rep) for rep in range(args.reps)]
+            rec = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            out["real"][str(n)] = rec
+            rows.append([f"{n} stream(s)", f"{rec['first_s']:.2f}", f"{rec['rtf']:.2f}", f"{rec['audio_per_s']:.2f}"])
+        print_table(f"Triton token2wav at released dims ({args.real_threads} torch threads, {args.real_chunks} chunks)",
+                    ["level", "first chunk s", "per-stream RTF", "audio s / s"], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", default="1,4,8")
     ap.add_argument("--chunks", type=int, default=6, help="25-code chunks per stream (1 s of audio each)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads per Triton model instance")
+    ap.add_argument("--real", action="store_true", help="also Triton token2wav at the released dims (slow)")
+    ap.add_argument("--real-only", action="store_true", help="only the released-dims part")
+    ap.add_argument("--real-chunks", type=int, default=4)
+    ap.add_argument("--real-threads", type=int, default=2)
     args = ap.parse_args()
+    if args.real_only:
+        out = {"machine": machine(), "method": vars(args)}
+        real_size(args, out)
+        path = write_results("synthesize_real", out)
+        print(f"wrote {path.name}")
+        return 0
     levels = [int(x) for x in args.streams.split(",")]
 
     from conftest import start_triton
@@ -222,6 +269,8 @@ def main() -> int:
                 rows.append([f"{n} requests", f"{rec['first_audio_s'] * 1000:.0f}", f"{rec['rtf']:.3f}"])
             print_table(f"Synthesize over gRPC (tiny, {args.chunks * 25} speech codes = {args.chunks} s each)",
                         ["level", "time to first audio ms", "per-request RTF"], rows)
+    if args.real:
+        real_size(args, out)
     path = write_results("synthesize", out)
     print(f"wrote {path.relative_to(Path(__file__).resolve().parent.parent)}")
     return 0

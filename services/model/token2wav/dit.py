@@ -94,15 +94,30 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self._out(o), new_cache
 
-    def forward_chunk_into(self, x: torch.Tensor, k_slot: torch.Tensor, v_slot: torch.Tensor,
-                           key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward_chunk_into(self, x: torch.Tensor, k_slot, v_slot, key_mask: torch.Tensor | None,
+                           new_lens: list[int] | None = None) -> torch.Tensor:
         """Like :meth:`forward_chunk`, but the caches live in caller-owned buffers:
         ``k_slot``/``v_slot`` ``[B, H, t+T, hd]`` (views; only the last dim need be
         contiguous) hold the T cached frames after their first t, which receive this
         chunk's keys/values. Same keys in the same order as ``torch.cat([k, k_cache])``,
-        so the attention is bit-identical, without copying the cache."""
+        so the attention is bit-identical, without copying the cache.
+
+        Batched streams with their own caches: ``k_slot``/``v_slot`` are LISTS with one
+        view ``[B/n, H, t_i+T_i, hd]`` per stream and ``new_lens[i]`` = t_i (the chunk may
+        be right-padded to t). Each stream's rows attend to exactly its own keys: no
+        padded cache copy, no mask; padded query rows give unused outputs."""
         q, k, v = self._qkv(x)
         t = k.shape[2]
+        if isinstance(k_slot, (list, tuple)):
+            g = q.shape[0] // len(k_slot)
+            outs = []
+            for i, (ks, vs) in enumerate(zip(k_slot, v_slot)):
+                r = slice(g * i, g * i + g)
+                ti = t if new_lens is None else new_lens[i]
+                ks[:, :, :ti].copy_(k[r, :, :ti])
+                vs[:, :, :ti].copy_(v[r, :, :ti])
+                outs.append(F.scaled_dot_product_attention(q[r], ks, vs))
+            return self._out(torch.cat(outs))
         k_slot[:, :, :t].copy_(k)
         v_slot[:, :, :t].copy_(v)
         mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -189,12 +204,13 @@ class DiTBlock(nn.Module):
         """The 9 adaLN vectors; they depend on the time step only (see :meth:`DiT.modulations`)."""
         return self.adaLN_modulation(c).chunk(9, dim=-1)
 
-    def forward_chunk_into(self, x, mods, k_slot, v_slot, cnn_cache, key_mask=None, lengths=None):
+    def forward_chunk_into(self, x, mods, k_slot, v_slot, cnn_cache, key_mask=None, lengths=None, new_lens=None):
         """:meth:`forward_chunk` with precomputed ``mods`` and in-place K/V slots
         (:meth:`Attention.forward_chunk_into`); returns x and the new conv cache."""
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          shift_conv, scale_conv, gate_conv) = mods
-        a = self.attn.forward_chunk_into(modulate(self.norm1(x), shift_msa, scale_msa), k_slot, v_slot, key_mask)
+        a = self.attn.forward_chunk_into(modulate(self.norm1(x), shift_msa, scale_msa), k_slot, v_slot, key_mask,
+                                         new_lens)
         x = x + gate_msa * a
         cv, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), shift_conv, scale_conv), cnn_cache, lengths)
         x = x + gate_conv * cv
@@ -307,7 +323,7 @@ class DiT(nn.Module):
         return self.final_layer(h, c).transpose(1, 2), torch.stack(new_att), torch.stack(new_cnn)
 
     def forward_chunk_into(self, x, mu, t, spks, cond, k_slots, v_slots, cnn_cache=None, key_mask=None, lengths=None,
-                           mod_key=None):
+                           mod_key=None, new_lens=None):
         """:meth:`forward_chunk` with caller-owned K/V buffers: ``k_slots[i]``/``v_slots[i]``
         ``[B, H, t+T, hd]`` for block i (first t frames written here, the cache after
         them). Returns the velocity and the new conv cache ``[depth, B, 2*hidden, 2]``."""
@@ -316,6 +332,6 @@ class DiT(nn.Module):
         new_cnn = []
         for i, block in enumerate(self.blocks):
             h, cv = block.forward_chunk_into(h, mods[i], k_slots[i], v_slots[i],
-                                             None if cnn_cache is None else cnn_cache[i], key_mask, lengths)
+                                             None if cnn_cache is None else cnn_cache[i], key_mask, lengths, new_lens)
             new_cnn.append(cv)
         return self.final_layer(h, None, mods[-1]).transpose(1, 2), torch.stack(new_cnn)

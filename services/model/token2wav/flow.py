@@ -211,7 +211,7 @@ class CFMDecoder(nn.Module):
 
 
     def solve_chunk_into(self, x, mu, spks, cond, k_slots, v_slots, cnn: list | None,
-                         n_timesteps: int = N_TIMESTEPS, key_mask=None, lengths=None):
+                         n_timesteps: int = N_TIMESTEPS, key_mask=None, lengths=None, new_lens=None):
         """:meth:`solve_chunk` with caller-owned K/V buffers: ``k_slots[s][i]`` and
         ``v_slots[s][i]`` ``[2B, H, t+T, hd]`` are step s, block i's views (first t
         frames written here, the cache after them). Returns x and the new conv caches."""
@@ -224,7 +224,8 @@ class CFMDecoder(nn.Module):
         for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
             v, c = self.estimator.forward_chunk_into(
                 x.repeat_interleave(2, dim=0), mu_in, t.expand(2 * b), spks_in, cond_in, k_slots[s], v_slots[s],
-                None if cnn is None else cnn[s], key_mask, lengths, mod_key=("chunk", n_timesteps, s))
+                None if cnn is None else cnn[s], key_mask, lengths, mod_key=("chunk", n_timesteps, s),
+                new_lens=new_lens)
             v = v.view(b, 2, *v.shape[1:])
             x = x + dt * ((1.0 + g) * v[:, 0] - g * v[:, 1])
             new_cnn.append(c)
@@ -319,7 +320,7 @@ class Flow(nn.Module):
             encs.append(ec)
         lens = [m.shape[2] for m in mus]
         offsets = [0 if c is None else c.offset for c in caches]
-        t_max, c_max = max(lens), max(offsets)
+        t_max = max(lens)
         x0s = []
         for i in range(n):
             buf = self.rand_noise if noises[i] is None else noises[i]
@@ -333,13 +334,11 @@ class Flow(nn.Module):
         mu = torch.cat([pad(t) for t in mus])
         cond = torch.zeros_like(mu) if conds is None else torch.cat([pad(c) for c in conds])
         spk = torch.cat(spks)
-        ragged = n > 1 and (len(set(lens)) > 1 or len(set(offsets)) > 1)
-        key_mask = lengths = None
-        if ragged:
-            ar_new = torch.arange(t_max, device=x.device)
-            ar_old = torch.arange(c_max, device=x.device)
-            rows = [torch.cat([ar_new < lens[i], ar_old < offsets[i]]) for i in range(n)]
-            key_mask = torch.stack(rows).repeat_interleave(2, dim=0)
+        # Chunks of unequal length are right-padded: the conv caches then take each
+        # stream's last real frames (lengths). Attention needs no mask: every stream's rows
+        # attend to exactly its own keys (Attention.forward_chunk_into with per-stream views).
+        lengths = None
+        if n > 1 and len(set(lens)) > 1:
             lengths = torch.tensor(lens, device=x.device).repeat_interleave(2)
         if any(c is None for c in caches) and not all(c is None for c in caches):
             raise ValueError("cannot batch a fresh stream with streams that have caches")
@@ -358,26 +357,19 @@ class Flow(nn.Module):
         if n == 1:
             views = [caches[0].kv_views(s, lens[0]) for s in range(n_timesteps)]
             k_slots, v_slots = [v[0] for v in views], [v[1] for v in views]
+            new_lens = None
         else:
-            # several streams: one padded [steps, depth, 2n, H, t_max + c_max, hd] pair,
-            # laid out as the unbatched path's (new frames, then each cache zero-padded)
-            shape = (n_timesteps, est.depth, 2 * n, est.num_heads, t_max + c_max, est.head_dim)
-            kb, vb = x.new_zeros(shape), x.new_zeros(shape)
-            for i, c in enumerate(caches):
-                if offsets[i]:
-                    kb[:, :, 2 * i:2 * i + 2, :, t_max:t_max + offsets[i]] = c._k[..., c._start:, :]
-                    vb[:, :, 2 * i:2 * i + 2, :, t_max:t_max + offsets[i]] = c._v[..., c._start:, :]
-            k_slots = [list(kb[s]) for s in range(n_timesteps)]
-            v_slots = [list(vb[s]) for s in range(n_timesteps)]
+            # several streams: per step and block, a LIST of each stream's own K/V views
+            # (written in place; nothing is copied or padded)
+            views = [[c.kv_views(s, lens[i]) for i, c in enumerate(caches)] for s in range(n_timesteps)]
+            k_slots = [[[vw[0][blk] for vw in views[s]] for blk in range(est.depth)] for s in range(n_timesteps)]
+            v_slots = [[[vw[1][blk] for vw in views[s]] for blk in range(est.depth)] for s in range(n_timesteps)]
+            new_lens = lens
         x, new_cnn = self.decoder.solve_chunk_into(x, mu, spk, cond, k_slots, v_slots, cnn_in, n_timesteps,
-                                                   key_mask, lengths)
+                                                   None, lengths, new_lens)
         out, mels = [], []
         for i in range(n):
             c = caches[i]
-            if n > 1:
-                lo = c._start - lens[i]
-                c._k[..., lo:c._start, :] = kb[:, :, 2 * i:2 * i + 2, :, :lens[i]]
-                c._v[..., lo:c._start, :] = vb[:, :, 2 * i:2 * i + 2, :, :lens[i]]
             c.advance(lens[i])
             cnn = torch.stack([st[:, 2 * i:2 * i + 2] for st in new_cnn])
             out.append(FlowCache(encs[i], None, cnn, c.prompt_frames, _kv=(c._k, c._v, c._start)))
