@@ -383,6 +383,13 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         slots = asyncio.Semaphore(self.settings.segment_concurrency)
         tasks = [asyncio.create_task(self._run_segment(seg, params, deadline, slots, events, f"{rid}/{seg.index}"))
                  for seg in segments]
+
+        async def cancel_segments() -> None:      # also when the client leaves mid-stream
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        on_rpc_end(context, cancel_segments)
         done: list[assistant_pb2.Segment] = []
         held: dict[int, list] = {seg.index: [] for seg in segments}
         prompt_tokens = sum(len(seg.prompt.input_ids) for seg in segments)
@@ -562,6 +569,32 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         opened = closed = False
         task = asyncio.create_task(decode())
         total_codes = samples_out = 0
+
+        async def release() -> None:
+            """Stop decoding and free the token2wav stream (idempotent). Runs from the
+            generator's finally AND when the RPC ends: a client that cancels while this
+            generator is suspended at a yield leaves it to garbage collection, which must
+            not decide when Triton's state is freed."""
+            nonlocal closed
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if inflight is not None:
+                # A token2wav call is never cancelled (that would poison its Triton sequence:
+                # see TritonClients.cancel_token2wav); wait for it, bounded by its own timeout.
+                await asyncio.wait({inflight})
+                if not inflight.cancelled():
+                    inflight.exception()            # retrieved: no "never retrieved" warning
+            if opening and not closed:
+                closed = True
+                _LOGGER.debug("request %s: freeing token2wav stream %d", rid, stream_id)
+                # Its own task: the request's task may be cancelled again while it waits
+                # (seen: a client cancel reaches the handler twice), which must not
+                # cancel the message that frees Triton's state.
+                await asyncio.shield(spawn(self.triton.cancel_token2wav(stream_id)))
+
+        opening = False
+        inflight: asyncio.Task | None = None
+        on_rpc_end(context, release)
         try:
             while not closed:
                 kind, payload = await chunks.get()
@@ -571,9 +604,11 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 if last and not opened and not payload:
                     closed = True                 # the model said nothing speakable
                     break
-                audio = await self.triton.token2wav_chunk(
+                opening = True                    # from here on the stream may exist in Triton
+                inflight = spawn(self.triton.token2wav_chunk(
                     stream_id, payload, start=not opened, end=last, voice=None if opened else voice,
-                    seed=None if opened else seed, timeout=deadline.remaining(), request_id=rid)
+                    seed=None if opened else seed, timeout=deadline.remaining(), request_id=rid))
+                audio = await asyncio.shield(inflight)
                 opened, closed = True, last
                 new_codes = len(payload) - (0 if total_codes == 0 else 3) if payload else 0
                 total_codes += max(0, new_codes)
@@ -587,10 +622,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                         audio=common_pb2.AudioChunk(data=data, encoding=out_encoding, sample_rate_hz=TTS_RATE),
                         speech_tokens=max(0, new_codes))
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if opened and not closed:
-                await self.triton.cancel_token2wav(stream_id)
+            await release()
         tail = b""
         if stretch:       # time-stretching needs the whole utterance: one audio event at the end
             whole = await asyncio.to_thread(time_stretch, np.concatenate(held) if held else np.zeros(0, np.float32),
@@ -605,6 +637,31 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
             audio=common_pb2.AudioChunk(data=tail, encoding=out_encoding, sample_rate_hz=TTS_RATE),
             usage=common_pb2.Usage(prompt_tokens=len(prompt.input_ids), completion_tokens=usage["completion"],
                                    audio_seconds_milli=int(round(samples_out * 1000 / TTS_RATE))))
+
+
+_CLEANUPS: set = set()
+
+
+def spawn(coro) -> asyncio.Task:
+    """A task kept alive (strong reference) until it is done, whoever awaits it."""
+    t = asyncio.get_running_loop().create_task(coro)
+    _CLEANUPS.add(t)
+    t.add_done_callback(_CLEANUPS.discard)
+    return t
+
+
+def on_rpc_end(context: grpc.aio.ServicerContext, cleanup) -> None:
+    """Run ``await cleanup()`` when the RPC ends (finished, failed or cancelled by the
+    client), on the server's loop. ``cleanup`` must be idempotent."""
+    loop = asyncio.get_running_loop()
+
+    def done(_ctx) -> None:
+        loop.call_soon_threadsafe(lambda: spawn(cleanup()))
+
+    try:
+        context.add_done_callback(done)
+    except (AttributeError, NotImplementedError):   # a context without callbacks (unit tests)
+        pass
 
 
 async def _unimplemented(context: grpc.aio.ServicerContext, what: str) -> None:

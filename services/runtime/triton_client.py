@@ -374,13 +374,20 @@ class TritonClients:
 
     async def cancel_token2wav(self, stream_id: int, *, timeout: float = 5.0) -> None:
         """Free a stream's state now (best effort: never raises; the idle timeout is the
-        backstop)."""
+        backstop).
+
+        Triton answers CANCELLED to every later request of a sequence one of whose requests
+        was cancelled client-side (the model never sees them, so the state would stay until
+        the idle timeout): never cancel a chunk call that is in flight; let it finish, then
+        call this."""
         try:
             await self.token2wav_chunk(stream_id, [], end=True, cancel=True, timeout=timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
             _LOGGER.debug("cancelling token2wav stream %s: %s", stream_id, exc)
+            return
+        _LOGGER.debug("token2wav stream %s cancelled", stream_id)
 
     async def warm_voice(self, voice: str, *, timeout: float = 60.0) -> bool:
         """Ask token2wav to compute ``voice``'s prompt prefill now (START + CANCEL, no stream
