@@ -427,9 +427,10 @@ def test_voice_library_in_s3_end_to_end(s3_server, tiny_ckpt, triton_factory, sp
 
 
 def test_concurrent_synthesize_with_cancellations_leaks_nothing(stub, md, special, triton):
-    """A bounded version of the reliability soak: 10 concurrent requests, every other one
-    cancelled after its first audio event; the rest complete with every code's audio, no
-    token2wav state is left behind, and the service still answers."""
+    """A bounded version of bench/soak_synthesize.py: 3 rounds of 10 concurrent requests,
+    every other one cancelled after its first or second audio event (a token2wav chunk is
+    then often in flight); the rest complete with every code's audio, no token2wav state is
+    left behind after any round, and the service still answers."""
     import concurrent.futures
 
     def one(i):
@@ -438,15 +439,18 @@ def test_concurrent_synthesize_with_cancellations_leaks_nothing(stub, md, specia
                                               sampling=speech_sampling(special, n=80, seed=i))
         call = stub.Synthesize(req, metadata=md, timeout=180)
         if i % 2:
-            next(call)
+            for _ in range(1 + (i // 2) % 2):
+                next(call)
             call.cancel()
             return None
         return sum(len(e.audio.data) for e in call) // 2
 
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        samples = list(pool.map(one, range(10)))
-    assert [s for s in samples if s is not None] == [80 * SAMPLES_PER_CODE] * 5
-    assert _wait_metric(triton, "stepaudio2_token2wav_live_streams", 0) == 0
+    for round_ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            samples = list(pool.map(one, range(10 * round_, 10 * round_ + 10)))
+        assert [s for s in samples if s is not None] == [80 * SAMPLES_PER_CODE] * 5
+        # (a leak would show until the 60 s idle timeout: 30 s is plenty to see it)
+        assert _wait_metric(triton, "stepaudio2_token2wav_live_streams", 0, timeout=30) == 0, f"round {round_}"
     events = _synth(stub, md, text="after the storm", sampling=speech_sampling(special, n=10))
     assert sum(e.speech_tokens for e in events) == 10
 
