@@ -50,14 +50,6 @@ def tiny_ckpt() -> Path:
     return d
 
 
-def protocol_chunks(codes: list[int]) -> tuple[list[list[int]], list[int]]:
-    out, buf = [], list(codes)
-    while len(buf) >= 28:
-        out.append(buf[:28])
-        buf = buf[25:]
-    return out, buf
-
-
 def run_stream(url: str, sid: int, codes: list[int], voice: str, start_barrier: threading.Barrier) -> dict:
     import tritonclient.grpc as g
 
@@ -73,7 +65,10 @@ def run_stream(url: str, sid: int, codes: list[int], voice: str, start_barrier: 
                          sequence_end=kw.get("end", False))
         return r.as_numpy("AUDIO").size
 
-    chunks, rest = protocol_chunks(codes)
+    from stepaudio2.orchestrator.tts import SpeechChunker   # the orchestrator's 25 + 3 protocol
+
+    chunker = SpeechChunker()
+    chunks, rest = chunker.feed(codes), chunker.finish()
     with g.InferenceServerClient(url) as client:
         start_barrier.wait()
         t0 = time.perf_counter()

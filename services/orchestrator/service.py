@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -474,8 +475,6 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
         if request.voice_id:
             vid = check_voice_id(request.voice_id)
         else:
-            import hashlib
-
             vid = "voice-" + hashlib.sha256(data).hexdigest()[:16]
         if vid in BUILTIN_VOICES or await asyncio.to_thread(self.voices.exists, vid):
             raise AlreadyExists(f"voice {vid!r} already exists: delete it first or pick another id", field="voice_id")

@@ -38,7 +38,6 @@ from stepaudio2.runtime.errors import (
     FailedPrecondition,
     InferenceError,
     InvalidArgument,
-    InvalidAudio,
     NotFound,
     ResourceExhausted,
     StepAudio2Error,
@@ -145,6 +144,14 @@ def _channel_args(keepalive: KeepAliveOptions) -> list[tuple[str, int]]:
     ]
 
 
+def _tensor(name: str, value, dtype: str, np_dtype) -> InferInput:
+    """An input tensor from a value (array, list, nested lists) as ``np_dtype``."""
+    arr = np.ascontiguousarray(value, dtype=np_dtype) if np_dtype is not np.object_ else np.array(value, dtype=np_dtype)
+    t = InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
 def new_stream_id() -> int:
     """A random non-zero 63-bit token2wav sequence id: unique across orchestrator replicas
     sharing one Triton without coordination (collision odds ~n^2 / 2^64)."""
@@ -228,9 +235,7 @@ class TritonClients:
     # -- audio_encoder ---------------------------------------------------------------------
 
     async def _encode_one(self, chunk: np.ndarray, timeout: float | None, request_id: str) -> np.ndarray:
-        x = np.ascontiguousarray(chunk, dtype=np.float32).reshape(1, -1)  # [1, N]: the batch dim
-        inp = InferInput("WAVEFORM", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
+        inp = _tensor("WAVEFORM", np.asarray(chunk).reshape(1, -1), "FP32", np.float32)   # [1, N]: the batch dim
         outputs = [InferRequestedOutput("EMBEDS"), InferRequestedOutput("EMBED_LEN")]
         try:
             result = await self._client.infer(self.encoder_model, [inp], outputs=outputs,
@@ -264,33 +269,27 @@ class TritonClients:
 
     def _llm_inputs(self, input_ids: Sequence[int], audio_embeds: Sequence[np.ndarray],
                     params: GenerationParams) -> list[InferInput]:
-        def tensor(name: str, value, dtype: str, np_dtype) -> InferInput:
-            arr = np.ascontiguousarray(value, dtype=np_dtype)
-            t = InferInput(name, list(arr.shape), dtype)
-            t.set_data_from_numpy(arr)
-            return t
-
-        inputs = [tensor("INPUT_IDS", list(input_ids), "INT32", np.int32)]
+        inputs = [_tensor("INPUT_IDS", list(input_ids), "INT32", np.int32)]
         embeds = [np.asarray(e, dtype=np.float32) for e in audio_embeds if len(e)]
         if embeds:  # all chunks concatenated, in prompt order: [sum N_i, D]
-            inputs.append(tensor("AUDIO_EMBEDS", np.concatenate(embeds, axis=0), "FP32", np.float32))
+            inputs.append(_tensor("AUDIO_EMBEDS", np.concatenate(embeds, axis=0), "FP32", np.float32))
         inputs += [
-            tensor("MAX_TOKENS", [params.max_tokens], "INT32", np.int32),
-            tensor("MIN_TOKENS", [params.min_tokens], "INT32", np.int32),
-            tensor("TEMPERATURE", [params.temperature], "FP32", np.float32),
-            tensor("TOP_P", [params.top_p], "FP32", np.float32),
-            tensor("TOP_K", [params.top_k], "INT32", np.int32),
-            tensor("REPETITION_PENALTY", [params.repetition_penalty], "FP32", np.float32),
+            _tensor("MAX_TOKENS", [params.max_tokens], "INT32", np.int32),
+            _tensor("MIN_TOKENS", [params.min_tokens], "INT32", np.int32),
+            _tensor("TEMPERATURE", [params.temperature], "FP32", np.float32),
+            _tensor("TOP_P", [params.top_p], "FP32", np.float32),
+            _tensor("TOP_K", [params.top_k], "INT32", np.int32),
+            _tensor("REPETITION_PENALTY", [params.repetition_penalty], "FP32", np.float32),
         ]
         if params.seed is not None:
-            inputs.append(tensor("SEED", [params.seed], "INT64", np.int64))
+            inputs.append(_tensor("SEED", [params.seed], "INT64", np.int64))
         if params.stop_ids is not None:
-            inputs.append(tensor("STOP_IDS", list(params.stop_ids), "INT32", np.int32))
+            inputs.append(_tensor("STOP_IDS", list(params.stop_ids), "INT32", np.int32))
         if params.allowed_token_ids:
-            inputs.append(tensor("ALLOWED_TOKEN_IDS", list(params.allowed_token_ids), "INT32", np.int32))
+            inputs.append(_tensor("ALLOWED_TOKEN_IDS", list(params.allowed_token_ids), "INT32", np.int32))
         if params.logit_bias:
-            inputs.append(tensor("LOGIT_BIAS_IDS", list(params.logit_bias), "INT32", np.int32))
-            inputs.append(tensor("LOGIT_BIAS_VALUES", list(params.logit_bias.values()), "FP32", np.float32))
+            inputs.append(_tensor("LOGIT_BIAS_IDS", list(params.logit_bias), "INT32", np.int32))
+            inputs.append(_tensor("LOGIT_BIAS_VALUES", list(params.logit_bias.values()), "FP32", np.float32))
         return inputs
 
     async def generate(self, input_ids: Sequence[int], audio_embeds: Sequence[np.ndarray],
@@ -346,18 +345,13 @@ class TritonClients:
         with ``end``) drops the stream. Chunks of one stream must be sent one at a time, in
         order (spec §3.6: 28 tokens, the last 3 re-sent next time; the remainder with end).
         """
-        def tensor(name, arr, dtype):
-            t = InferInput(name, list(arr.shape), dtype)
-            t.set_data_from_numpy(arr)
-            return t
-
-        inputs = [tensor("TOKENS", np.asarray(list(tokens), dtype=np.int32).reshape(1, -1), "INT32")]
+        inputs = [_tensor("TOKENS", np.asarray(list(tokens), dtype=np.int32).reshape(1, -1), "INT32", np.int32)]
         if voice is not None:
-            inputs.append(tensor("VOICE", np.array([[voice.encode()]], dtype=np.object_), "BYTES"))
+            inputs.append(_tensor("VOICE", [[voice.encode()]], "BYTES", np.object_))
         if seed is not None:
-            inputs.append(tensor("SEED", np.array([[seed]], dtype=np.int64), "INT64"))
+            inputs.append(_tensor("SEED", [[seed]], "INT64", np.int64))
         if cancel:
-            inputs.append(tensor("CANCEL", np.array([[True]], dtype=np.bool_), "BOOL"))
+            inputs.append(_tensor("CANCEL", [[True]], "BOOL", np.bool_))
         try:
             result = await self._client.infer(self.token2wav_model, inputs, outputs=[InferRequestedOutput("AUDIO")],
                                               sequence_id=stream_id, sequence_start=start,
@@ -407,8 +401,7 @@ class TritonClients:
                            request_id: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A reference recording (WAV/FLAC/OGG bytes) -> (prompt tokens int32 [N], prompt mel
         float32 [2N, 80], speaker embedding float32 [192])."""
-        inp = InferInput("AUDIO", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([bytes(audio_file)], dtype=np.object_))
+        inp = _tensor("AUDIO", [bytes(audio_file)], "BYTES", np.object_)
         names = ("PROMPT_TOKENS", "PROMPT_MEL", "SPEAKER_EMBEDDING")
         try:
             result = await self._client.infer(self.voice_encoder_model, [inp],

@@ -124,6 +124,18 @@ def request_inputs(pb_utils, request, names: Sequence[str]) -> dict[str, np.ndar
     return out
 
 
+def load_serving_model(args: Mapping[str, str], params: Mapping[str, str]):
+    """The ``StepAudio2`` a model instance serves: ``model_dir``, ``dtype`` and
+    ``num_threads`` parameters, the instance's device (audio_encoder and llm)."""
+    from stepaudio2.model.modeling import load_for_serving
+    from stepaudio2.runtime.model_repo import DTYPES
+
+    return load_for_serving(get_param(params, "model_dir"),
+                            dtype=get_param(params, "dtype", str, "auto", choices=DTYPES),
+                            device=model_device(args),
+                            num_threads=get_param(params, "num_threads", int, None, minimum=1))
+
+
 def model_device(args: Mapping[str, str]) -> str:
     """Torch device of a model instance from Triton's ``initialize`` args."""
     if str(args.get("model_instance_kind", "CPU")).upper() == "GPU":

@@ -363,6 +363,10 @@ class CachedVoiceStore(VoiceStore):
         with self._lock:
             return list(self._cache)
 
+    def _fresh(self, voice_id: str) -> bool:
+        """Cached recently enough (call with the lock held)."""
+        return self.ttl_s is None or self._clock() - self._stamp.get(voice_id, float("-inf")) <= self.ttl_s
+
     def _remember(self, voice: Voice) -> None:
         with self._lock:
             self._cache[voice.voice_id] = voice
@@ -376,7 +380,7 @@ class CachedVoiceStore(VoiceStore):
         check_voice_id(voice_id)
         with self._lock:
             v = self._cache.get(voice_id)
-            if v is not None and self.ttl_s is not None and self._clock() - self._stamp.get(voice_id, 0.0) > self.ttl_s:
+            if v is not None and not self._fresh(voice_id):
                 del self._cache[voice_id]
                 self._stamp.pop(voice_id, None)
                 v = None
@@ -404,8 +408,7 @@ class CachedVoiceStore(VoiceStore):
 
     def exists(self, voice_id: str) -> bool:
         with self._lock:
-            fresh = self.ttl_s is None or self._clock() - self._stamp.get(voice_id, float("-inf")) <= self.ttl_s
-            if voice_id in self._cache and fresh:
+            if voice_id in self._cache and self._fresh(voice_id):
                 return True
         return self.store.exists(voice_id)
 

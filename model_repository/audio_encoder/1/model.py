@@ -10,21 +10,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.runtime.errors import StepAudio2Error
-from stepaudio2.runtime.model_repo import DTYPES
-from stepaudio2.runtime.triton_params import (encode_audio_inputs, get_param, model_device, model_parameters,
+from stepaudio2.runtime.triton_params import (encode_audio_inputs, load_serving_model, model_parameters,
                                               parse_audio_input, request_inputs, triton_error)
-
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from stepaudio2.model.modeling import load_for_serving
-
         params = model_parameters(args["model_config"])
-        self.model = load_for_serving(get_param(params, "model_dir"),
-                                      dtype=get_param(params, "dtype", str, "auto", choices=DTYPES),
-                                      device=model_device(args),
-                                      num_threads=get_param(params, "num_threads", int, None, minimum=1))
+        self.model = load_serving_model(args, params)
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -12,10 +12,9 @@ import itertools
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stepaudio2.runtime.model_repo import DTYPES
-from stepaudio2.runtime.triton_params import (SAMPLING_INPUTS, engine_stats, EngineMetrics, get_param, model_device,
-                                              model_parameters, parse_llm_request, request_inputs, RequestCancelled,
-                                              split_audio_embeds, triton_error)
+from stepaudio2.runtime.triton_params import (SAMPLING_INPUTS, engine_stats, EngineMetrics, get_param,
+                                              load_serving_model, model_parameters, parse_llm_request, request_inputs,
+                                              RequestCancelled, split_audio_embeds, triton_error)
 
 INPUTS = ("INPUT_IDS", "AUDIO_EMBEDS", "STOP_IDS", "ALLOWED_TOKEN_IDS", "LOGIT_BIAS_IDS", "LOGIT_BIAS_VALUES",
           *SAMPLING_INPUTS)
@@ -59,13 +58,8 @@ class _Stream:
 class TritonPythonModel:
     def initialize(self, args):
         from stepaudio2.model.engine import LLMEngine
-        from stepaudio2.model.modeling import load_for_serving
-
         params = model_parameters(args["model_config"])
-        self.model = load_for_serving(get_param(params, "model_dir"),
-                                      dtype=get_param(params, "dtype", str, "auto", choices=DTYPES),
-                                      device=model_device(args),
-                                      num_threads=get_param(params, "num_threads", int, None, minimum=1))
+        self.model = load_serving_model(args, params)
         self.llm_dim = self.model.config.text.hidden_size
         self.patch_id = self.model.tokenizer.special.audio_patch
         self.engine = LLMEngine(self.model,

@@ -9,7 +9,6 @@ stream that is not open, INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
 """
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.runtime.triton_params import (EngineMetrics, get_param, model_device, model_parameters,

@@ -266,11 +266,6 @@ class StreamPrefill:
     def __init__(self, t2w: Token2Wav, spk: torch.Tensor, noise: torch.Tensor | None, cache: FlowCache):
         self.t2w, self.spk, self.noise, self.cache = t2w, spk, noise, cache
 
-    @property
-    def nbytes(self) -> int:
-        c = self.cache
-        return (c._k.numel() + c._v.numel()) * c._k.element_size()
-
 
 class Token2WavStream:
     """One utterance's streaming state; create with :meth:`Token2Wav.stream`."""

@@ -8,12 +8,12 @@ block (causal conv k=3, LayerNorm, Mish, causal conv k=3) and for a GELU-tanh ML
 in the order attention, conv, MLP. There is no positional encoding: the causal convs are
 the only source of order, so attention is permutation-invariant over its keys.
 
-Streaming (``forward_chunk``): every block keeps a K/V cache and a conv cache per
-sequence. The new chunk's keys come FIRST, then the cached ones (the reference's
-``torch.cat([k, k_cache])``); the packed cache ``[B, H, T, 2*head_dim]`` (keys, values)
-keeps that order, which matters to the reference's cache trimming (see ``flow.py``).
-For batched streams of unequal lengths the chunk may be right-padded and the caches
-padded; ``key_mask`` then marks the real keys and ``lengths`` the real chunk frames.
+Streaming (``forward_chunk_into``): every block keeps a K/V cache and a conv cache per
+sequence, in buffers the caller owns. The new chunk's keys come FIRST, then the cached
+ones (the reference's ``torch.cat([k, k_cache])``); that order matters to the reference's
+cache trimming (see ``flow.py``). Batched streams of unequal lengths are right-padded:
+each stream attends over its own keys only, and ``lengths`` marks the real chunk frames
+for the conv caches.
 """
 from __future__ import annotations
 
@@ -80,23 +80,9 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1))
         return self._out(o)
 
-    def forward_chunk(self, x: torch.Tensor, cache: torch.Tensor | None, key_mask: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, t, C]``; cache ``[B, H, T, 2*hd]``; key_mask ``[B, t+T]`` bool or None.
-        Returns the output and the new cache ``[B, H, t+T, 2*hd]`` (new frames first)."""
-        q, k, v = self._qkv(x)
-        if cache is not None:
-            k_cache, v_cache = cache.chunk(2, dim=3)
-            k = torch.cat([k, k_cache], dim=2)
-            v = torch.cat([v, v_cache], dim=2)
-        new_cache = torch.cat([k, v], dim=3)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self._out(o), new_cache
-
-    def forward_chunk_into(self, x: torch.Tensor, k_slot, v_slot, key_mask: torch.Tensor | None,
-                           new_lens: list[int] | None = None) -> torch.Tensor:
-        """Like :meth:`forward_chunk`, but the caches live in caller-owned buffers:
+    def forward_chunk_into(self, x: torch.Tensor, k_slot, v_slot, new_lens: list[int] | None = None
+                           ) -> torch.Tensor:
+        """One chunk ``x`` ``[B, t, C]`` with the caches in caller-owned buffers:
         ``k_slot``/``v_slot`` ``[B, H, t+T, hd]`` (views; only the last dim need be
         contiguous) hold the T cached frames after their first t, which receive this
         chunk's keys/values. Same keys in the same order as ``torch.cat([k, k_cache])``,
@@ -120,8 +106,7 @@ class Attention(nn.Module):
             return self._out(torch.cat(outs))
         k_slot[:, :, :t].copy_(k)
         v_slot[:, :, :t].copy_(v)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        return self._out(F.scaled_dot_product_attention(q, k_slot, v_slot, attn_mask=mask))
+        return self._out(F.scaled_dot_product_attention(q, k_slot, v_slot))
 
 
 class CausalConvBlock(nn.Module):
@@ -204,28 +189,17 @@ class DiTBlock(nn.Module):
         """The 9 adaLN vectors; they depend on the time step only (see :meth:`DiT.modulations`)."""
         return self.adaLN_modulation(c).chunk(9, dim=-1)
 
-    def forward_chunk_into(self, x, mods, k_slot, v_slot, cnn_cache, key_mask=None, lengths=None, new_lens=None):
-        """:meth:`forward_chunk` with precomputed ``mods`` and in-place K/V slots
+    def forward_chunk_into(self, x, mods, k_slot, v_slot, cnn_cache, lengths=None, new_lens=None):
+        """One streaming chunk with precomputed ``mods`` and in-place K/V slots
         (:meth:`Attention.forward_chunk_into`); returns x and the new conv cache."""
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          shift_conv, scale_conv, gate_conv) = mods
-        a = self.attn.forward_chunk_into(modulate(self.norm1(x), shift_msa, scale_msa), k_slot, v_slot, key_mask,
-                                         new_lens)
+        a = self.attn.forward_chunk_into(modulate(self.norm1(x), shift_msa, scale_msa), k_slot, v_slot, new_lens)
         x = x + gate_msa * a
         cv, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), shift_conv, scale_conv), cnn_cache, lengths)
         x = x + gate_conv * cv
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x, new_cnn
-
-    def forward_chunk(self, x, c, att_cache, cnn_cache, key_mask=None, lengths=None):
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        a, new_att = self.attn.forward_chunk(modulate(self.norm1(x), shift_msa, scale_msa), att_cache, key_mask)
-        x = x + gate_msa * a
-        cv, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), shift_conv, scale_conv), cnn_cache, lengths)
-        x = x + gate_conv * cv
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x, new_att, new_cnn
 
 
 class FinalLayer(nn.Module):
@@ -308,30 +282,17 @@ class DiT(nn.Module):
             h = block.forward_mods(h, m, mask)
         return self.final_layer(h, None, mods[-1]).transpose(1, 2)
 
-    def forward_chunk(self, x, mu, t, spks, cond, att_cache=None, cnn_cache=None, key_mask=None, lengths=None):
-        """One chunk ``[B, 80, t]``; att_cache ``[depth, B, H, T, 2*hd]`` or None; cnn_cache
-        ``[depth, B, 2*hidden, 2]`` or None. Returns the velocity and the new caches
-        ``[depth, B, H, t+T, 2*hd]`` (new frames first) and ``[depth, B, 2*hidden, 2]``."""
-        c = self.t_embedder(t).unsqueeze(1)
-        h = self.in_proj(self._inputs(x, mu, spks, cond))
-        new_att, new_cnn = [], []
-        for i, block in enumerate(self.blocks):
-            h, a, cv = block.forward_chunk(h, c, None if att_cache is None else att_cache[i],
-                                           None if cnn_cache is None else cnn_cache[i], key_mask, lengths)
-            new_att.append(a)
-            new_cnn.append(cv)
-        return self.final_layer(h, c).transpose(1, 2), torch.stack(new_att), torch.stack(new_cnn)
-
-    def forward_chunk_into(self, x, mu, t, spks, cond, k_slots, v_slots, cnn_cache=None, key_mask=None, lengths=None,
+    def forward_chunk_into(self, x, mu, t, spks, cond, k_slots, v_slots, cnn_cache=None, lengths=None,
                            mod_key=None, new_lens=None):
-        """:meth:`forward_chunk` with caller-owned K/V buffers: ``k_slots[i]``/``v_slots[i]``
+        """One chunk ``[B, 80, t]`` with caller-owned K/V buffers: ``k_slots[i]``/``v_slots[i]``
         ``[B, H, t+T, hd]`` for block i (first t frames written here, the cache after
-        them). Returns the velocity and the new conv cache ``[depth, B, 2*hidden, 2]``."""
+        them), or per-stream lists of them (:meth:`Attention.forward_chunk_into`); cnn_cache
+        ``[depth, B, 2*hidden, 2]`` or None. Returns the velocity and the new conv cache."""
         mods = self.modulations(t, mod_key)
         h = self.in_proj(self._inputs(x, mu, spks, cond))
         new_cnn = []
         for i, block in enumerate(self.blocks):
             h, cv = block.forward_chunk_into(h, mods[i], k_slots[i], v_slots[i],
-                                             None if cnn_cache is None else cnn_cache[i], key_mask, lengths, new_lens)
+                                             None if cnn_cache is None else cnn_cache[i], lengths, new_lens)
             new_cnn.append(cv)
         return self.final_layer(h, None, mods[-1]).transpose(1, 2), torch.stack(new_cnn)

@@ -187,34 +187,14 @@ class CFMDecoder(nn.Module):
             x = x + dt * self._guide(v, b)
         return x
 
-    def solve_chunk(self, x, mu, spks, cond, att: list | None, cnn: list | None, n_timesteps: int = N_TIMESTEPS,
-                    key_mask=None, lengths=None):
-        """Streaming solver for a batch of B sequences laid out as rows ``[B, 80, t]``.
-
-        ``att[s]`` ``[depth, 2B, H, T, 2*hd]`` and ``cnn[s]`` ``[depth, 2B, 2*hidden, 2]``
-        are step ``s``'s caches with rows (seq0 cond, seq0 uncond, seq1 cond, ...), or None
-        to start fresh. Returns x and the per-step new caches (lists)."""
-        b = x.shape[0]
-        mu_in = _interleave(mu, torch.zeros_like(mu))
-        spks_in = _interleave(spks, torch.zeros_like(spks))
-        cond_in = _interleave(cond, torch.zeros_like(cond))
-        new_att, new_cnn = [], []
-        for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
-            v, a, c = self.estimator.forward_chunk(
-                x.repeat_interleave(2, dim=0), mu_in, t.expand(2 * b), spks_in, cond_in,
-                None if att is None else att[s], None if cnn is None else cnn[s], key_mask, lengths)
-            v = v.view(b, 2, *v.shape[1:])
-            x = x + dt * ((1.0 + self.inference_cfg_rate) * v[:, 0] - self.inference_cfg_rate * v[:, 1])
-            new_att.append(a)
-            new_cnn.append(c)
-        return x, new_att, new_cnn
-
-
     def solve_chunk_into(self, x, mu, spks, cond, k_slots, v_slots, cnn: list | None,
-                         n_timesteps: int = N_TIMESTEPS, key_mask=None, lengths=None, new_lens=None):
-        """:meth:`solve_chunk` with caller-owned K/V buffers: ``k_slots[s][i]`` and
-        ``v_slots[s][i]`` ``[2B, H, t+T, hd]`` are step s, block i's views (first t
-        frames written here, the cache after them). Returns x and the new conv caches."""
+                         n_timesteps: int = N_TIMESTEPS, lengths=None, new_lens=None):
+        """Streaming solver for B sequences ``[B, 80, t]`` (estimator rows: seq0 cond, seq0
+        uncond, seq1 cond, ...) with caller-owned K/V buffers: ``k_slots[s][i]`` and
+        ``v_slots[s][i]`` ``[2B, H, t+T, hd]`` are step s, block i's views (first t frames
+        written here, the cache after them), or per-stream lists of views with
+        ``new_lens``; ``cnn[s]`` step s's conv caches or None. Returns x and the new conv
+        caches."""
         b = x.shape[0]
         mu_in = _interleave(mu, torch.zeros_like(mu))
         spks_in = _interleave(spks, torch.zeros_like(spks))
@@ -224,8 +204,7 @@ class CFMDecoder(nn.Module):
         for s, (t, dt) in enumerate(euler_times(n_timesteps, x.device, x.dtype)):
             v, c = self.estimator.forward_chunk_into(
                 x.repeat_interleave(2, dim=0), mu_in, t.expand(2 * b), spks_in, cond_in, k_slots[s], v_slots[s],
-                None if cnn is None else cnn[s], key_mask, lengths, mod_key=("chunk", n_timesteps, s),
-                new_lens=new_lens)
+                None if cnn is None else cnn[s], lengths, mod_key=("chunk", n_timesteps, s), new_lens=new_lens)
             v = v.view(b, 2, *v.shape[1:])
             x = x + dt * ((1.0 + g) * v[:, 0] - g * v[:, 1])
             new_cnn.append(c)
@@ -366,7 +345,7 @@ class Flow(nn.Module):
             v_slots = [[[vw[1][blk] for vw in views[s]] for blk in range(est.depth)] for s in range(n_timesteps)]
             new_lens = lens
         x, new_cnn = self.decoder.solve_chunk_into(x, mu, spk, cond, k_slots, v_slots, cnn_in, n_timesteps,
-                                                   None, lengths, new_lens)
+                                                   lengths, new_lens)
         out, mels = [], []
         for i in range(n):
             c = caches[i]
@@ -375,8 +354,3 @@ class Flow(nn.Module):
             out.append(FlowCache(encs[i], None, cnn, c.prompt_frames, _kv=(c._k, c._v, c._start)))
             mels.append(x[i:i + 1, :, :lens[i]])
         return out, mels
-
-    @staticmethod
-    def _stack_att(per_stream: list[torch.Tensor], length: int) -> torch.Tensor:
-        """[depth, 2, H, T_i, 2hd] per stream -> [depth, 2B, H, length, 2hd], zero-padded."""
-        return torch.cat([F.pad(a, (0, 0, 0, length - a.shape[3])) for a in per_stream], dim=1)

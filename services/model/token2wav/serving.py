@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
@@ -45,8 +46,6 @@ class Token2WavService:
 
     def __init__(self, t2w: Token2Wav, voices: VoiceStore, *, max_streams: int = 64, idle_timeout_s: float = 60.0,
                  prompt_cache_items: int = 8, clock=None):
-        import time
-
         self.t2w = t2w
         self.voices = voices
         self.table: StateTable[Token2WavStream] = StateTable(max_streams, idle_timeout_s,
